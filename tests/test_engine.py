@@ -1,0 +1,86 @@
+"""The generation engine in-process, on the tiny models: the interface the
+Textbot deployment builds on (submit, iterate pieces, cancel)."""
+
+import asyncio
+import time
+
+import pytest
+
+from backend import model
+from backend.engine import Engine, PromptTooLongError
+from backend.protocol import ChatMessage, ResolvedSampling
+from backend.settings import ModelSettings
+
+HELLO = [ChatMessage(role="user", content="Hello there!")]
+GREEDY = ResolvedSampling(max_new_tokens=20, temperature=0.0, top_p=1.0)
+
+
+@pytest.fixture(scope="module", params=["tiny-chat", "tiny-gpt2"])
+def engine(request, tiny_models):
+    return Engine(model.load(ModelSettings(source=str(tiny_models[request.param]))))
+
+
+async def reply(engine, messages=HELLO, sampling=GREEDY):
+    generation = engine.submit(messages, sampling)
+    pieces = [piece async for piece in generation]
+    return generation, pieces
+
+
+def test_greedy_reply_streams_to_its_token_budget(engine):
+    generation, pieces = asyncio.run(reply(engine))
+    assert len(pieces) > 1
+    assert generation.completion_tokens == 20
+    assert generation.finish_reason == "length"
+    assert generation.prompt_tokens == engine.count_prompt_tokens(HELLO)
+    assert engine.active == 0
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_is_reproducible(engine):
+    async def both():
+        greedy = await asyncio.gather(reply(engine), reply(engine))
+        sampled = ResolvedSampling(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+        seeded = await asyncio.gather(reply(engine, sampling=sampled), reply(engine, sampling=sampled))
+        other = await reply(engine, sampling=sampled.model_copy(update={"seed": 8}))
+        return greedy, seeded, other
+
+    greedy, seeded, other = asyncio.run(both())
+    assert greedy[0][1] == greedy[1][1]
+    assert seeded[0][1] == seeded[1][1]
+    assert "".join(other[1]) != "".join(seeded[0][1])
+
+
+def test_cancel_stops_the_decode_loop(engine):
+    async def cancel_midway():
+        generation = engine.submit(HELLO, ResolvedSampling(max_new_tokens=400, temperature=0.0, top_p=1.0))
+        stream = aiter(generation)
+        await anext(stream)
+        await stream.aclose()  # what a disconnect does to the consumer
+        deadline = time.monotonic() + 5
+        while engine.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return generation
+
+    generation = asyncio.run(cancel_midway())
+    assert engine.active == 0
+    assert generation.cancelled
+    assert generation.completion_tokens < 400
+
+
+def test_prompt_beyond_context_is_refused(engine):
+    long_conversation = [ChatMessage(role="user", content="Hello there! " * 2000)]
+
+    async def submit():
+        engine.submit(long_conversation, GREEDY)
+
+    with pytest.raises(PromptTooLongError, match="context holds"):
+        asyncio.run(submit())
+    assert engine.active == 0
+
+
+def test_models_without_chat_template_use_eos_separated_turns(tiny_models):
+    loaded = model.load(ModelSettings(source=str(tiny_models["tiny-gpt2"])))
+    tok = loaded.tokenizer
+    conversation = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello"),
+                    ChatMessage(role="user", content="How are you?")]
+    ids = model.encode_chat(tok, conversation)
+    assert tok.decode(ids) == "Hi<|endoftext|>Hello<|endoftext|>How are you?<|endoftext|>"

@@ -1,0 +1,77 @@
+"""Tiny, randomly initialised causal LMs that the tests build themselves (seeded).
+
+A real tokenizer (byte-level BPE, trained here on a few sentences with
+non-ASCII text) and real transformers architectures, small enough to load in
+well under a second: one Llama with a ChatML chat template, one GPT-2 without
+a template (exercising the fallback prompt format).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "Hello there! How are you today? I am fine, thank you.",
+    "Once upon a time a small robot learned to tell stories.",
+    "Crème brûlée, naïve café, jalapeño, Straße, smörgåsbord.",
+    "日本語のテキスト、中文文本, 한국어 텍스트, Ελληνικά, русский текст.",
+    "Emoji too: 🙂 🚀 🎉 and symbols like € £ ¥ ©.",
+]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    eos = "<|im_end|>" if chat_template else "<|endoftext|>"
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos)
+    wrapped.chat_template = chat_template
+    return wrapped
+
+
+def build_tiny_chat_model(folder: Path) -> Path:
+    """A 2-layer Llama with a chat template."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(CHATML)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    save(LlamaForCausalLM(config), tokenizer, folder)
+    return folder
+
+
+def build_tiny_gpt2(folder: Path) -> Path:
+    """A 2-layer GPT-2 without a chat template, DialoGPT-style."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(None)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    save(GPT2LMHeadModel(config), tokenizer, folder)
+    return folder
+
+
+def save(model, tokenizer, folder: Path) -> None:
+    # A random model often ends its reply at once; without a logit for EOS its greedy
+    # replies run to max_new_tokens, so tests get long streams they can predict.
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] = 0.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
