@@ -7,12 +7,16 @@ PIP := $(PY) -m pip
 # Ray workers import backend/ and ui/ from this checkout.
 export PYTHONPATH := $(CURDIR)
 
+# The browser tests drive Debian's Chromium (Playwright cannot download its own here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: run test clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/serve run deploy.yaml
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest
 
 $(VENV)/.installed: requirements.txt
@@ -26,6 +30,10 @@ $(VENV)/.installed: requirements.txt
 $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 	$(PIP) install -r requirements-test.txt
 	touch $@
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y chromium
 
 clean:
 	rm -rf $(VENV) .pytest_cache

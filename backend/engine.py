@@ -93,14 +93,19 @@ class Engine:
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(encode_chat(self.loaded.tokenizer, messages))
 
-    def submit(self, messages: list[ChatMessage], sampling: ResolvedSampling) -> Generation:
-        """Start generating a reply to `messages`. Call from the event loop."""
+    def submit(self, messages: list[ChatMessage], sampling: ResolvedSampling, shorten: bool = True) -> Generation:
+        """Start generating a reply to `messages`. Call from the event loop.
+
+        A reply that would overflow the context is cut at its end when `shorten`,
+        refused otherwise; a prompt that fills the context is always refused.
+        """
         prompt_ids = encode_chat(self.loaded.tokenizer, messages)
         room = self.context_length - len(prompt_ids)
-        if room < 1:
+        if room < 1 or (not shorten and sampling.max_new_tokens > room):
             raise PromptTooLongError(
-                f"The conversation is {len(prompt_ids)} tokens; the model's context holds "
-                f"{self.context_length}. Shorten it or drop earlier turns."
+                f"The conversation is {len(prompt_ids)} tokens and the reply may take up to "
+                f"{sampling.max_new_tokens}; the model's context holds {self.context_length}. "
+                "Shorten the conversation or ask for fewer tokens."
             )
         generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
         budget = min(sampling.max_new_tokens, room)

@@ -4,17 +4,20 @@ and `stream_chat`, the handle method other deployments (the chat page) stream fr
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures of
 # this class through serve.ingress and cannot resolve string annotations there.
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import FastAPI, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from backend import model
 from backend.engine import Engine, Generation, PromptTooLongError
 from backend.errors import APIError, install_error_handlers
+from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from backend.openai_serving import CompletionText, complete, sse_stream
 from backend.protocol import ChatMessage, ResolvedSampling, SamplingParams
 from backend.settings import TextbotSettings
 
@@ -38,6 +41,7 @@ class Textbot:
         self.settings = settings
         loaded = model.load(settings.model)
         self.engine = Engine(loaded, settings.model.torch_threads)
+        self.started = int(time.time())
 
     # ---- HTTP routes ---------------------------------------------------------
 
@@ -58,6 +62,29 @@ class Textbot:
         return StreamingResponse(
             aiter(generation), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
         )
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletion,
+              summary="OpenAI-compatible chat completions, streaming (SSE) or not")
+    async def chat_completions(self, request: ChatCompletionRequest):
+        name = self.engine.loaded.name
+        if request.model not in (None, name):
+            raise APIError(404, f"The model {request.model!r} does not exist; this server serves {name!r}.",
+                           param="model", code="model_not_found")
+        messages = [m.to_chat() for m in request.messages]
+        for message in messages:
+            self._check_text(message.content, "messages")
+        sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
+                                  top_p=request.top_p, seed=request.seed)
+        text = CompletionText(self._start(messages, sampling, strict=True), request.stop_strings)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return StreamingResponse(sse_stream(text, name, include_usage),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        return JSONResponse((await complete(text, name)).model_dump())
+
+    @api.get("/v1/models", response_model=ModelList, summary="The served model")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.engine.loaded.name, created=self.started)])
 
     @api.get("/health", summary="Ready when the model is loaded")
     async def health(self) -> dict:
@@ -86,7 +113,9 @@ class Textbot:
 
     # ---- Shared --------------------------------------------------------------
 
-    def _start(self, messages: list[ChatMessage], params: SamplingParams) -> Generation:
+    def _start(self, messages: list[ChatMessage], params: SamplingParams, strict: bool = False) -> Generation:
+        """Submit to the engine with defaults filled in. `strict`: a token limit the caller
+        asked for must fit in the context (OpenAI's rule), rather than being shortened."""
         defaults = self.settings.generation
         if defaults.system_prompt and not any(m.role == "system" for m in messages):
             messages = [ChatMessage(role="system", content=defaults.system_prompt), *messages]
@@ -97,7 +126,7 @@ class Textbot:
             seed=params.seed,
         )
         try:
-            return self.engine.submit(messages, sampling)
+            return self.engine.submit(messages, sampling, shorten=not (strict and params.max_new_tokens))
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
 

@@ -69,6 +69,16 @@ def serve_config(tiny_models) -> dict:
         "name": "relay", "route_prefix": "/relay", "import_path": "tests.relay:build",
         "args": {"textbot_app": "tiny-chat"},
     })
+    # The chat page on the tiny chat model, greedy by default, for exact checks.
+    config["applications"].append({
+        "name": "tiny-page", "route_prefix": "/tiny-page", "import_path": "ui.deployment:build_app",
+        "args": {"textbot_app": "tiny-chat", "generation": {"temperature": 0.0, "max_new_tokens": 16}},
+    })
+    # The chat page on the default model, greedy and short: exact multi-turn checks in a browser.
+    config["applications"].append({
+        "name": "greedy-page", "route_prefix": "/greedy-page", "import_path": "ui.deployment:build_app",
+        "args": {"textbot_app": "textbot", "generation": {"temperature": 0.0, "max_new_tokens": 24}},
+    })
     # A model source that cannot load: shows the failure a person would see.
     config["applications"].append(tiny_app("broken", Path("/nonexistent/model")))
     return config
@@ -116,3 +126,8 @@ def base_url(serve_instance) -> str:
 def http(base_url):
     with httpx.Client(base_url=base_url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_page_url(base_url) -> str:
+    return f"{base_url}/tiny-page/"

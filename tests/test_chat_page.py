@@ -1,0 +1,62 @@
+"""The chat page as Serve serves it, through gradio_client; and the chat
+function's handling of Gradio's history."""
+
+import pytest
+from gradio_client import Client
+
+from ui.chat import to_messages
+
+GREEDY_INPUTS = ("", 0.0, 1.0, 16)  # system prompt, temperature, top_p, max new tokens
+
+
+def partials(client: Client, message: str, inputs=GREEDY_INPUTS) -> list[str]:
+    job = client.submit(message, *inputs, api_name="/chat")
+    list(job)  # drain the stream
+    assert job.status().success, "the chat page reported an error"
+    return [output for output in job.outputs() if output]
+
+
+def test_partials_grow_into_the_reply(tiny_page_url):
+    client = Client(tiny_page_url, verbose=False)
+    outputs = partials(client, "Tell me a story")
+    assert len(outputs) > 2
+    assert all(later.startswith(earlier) for earlier, later in zip(outputs, outputs[1:]))
+    assert len(outputs[-1]) > len(outputs[0])
+
+
+def test_reply_is_the_backends_reply_for_the_same_conversation(tiny_page_url, http):
+    reply = partials(Client(tiny_page_url, verbose=False), "Hello there", ("Be kind.", 0.0, 1.0, 16))[-1]
+    direct = http.post("/tiny-chat/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}],
+        "max_tokens": 16, "temperature": 0}).json()
+    assert reply == direct["choices"][0]["message"]["content"]
+
+
+def test_backend_error_is_shown_not_hung(tiny_page_url):
+    job = Client(tiny_page_url, verbose=False).submit("x" * 40_000, *GREEDY_INPUTS, api_name="/chat")
+    with pytest.raises(Exception, match="limit is 32000"):
+        job.result(timeout=60)
+
+
+def test_default_page_serves_the_default_model(base_url):
+    outputs = partials(Client(f"{base_url}/", verbose=False), "Say hi in five words.", ("", 0.0, 1.0, 16))
+    assert len(outputs) > 1
+    assert outputs[-1].strip()
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        # gradio_client sends strings; the browser sends lists of parts.
+        [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada!"}],
+        [{"role": "user", "content": [{"type": "text", "text": "My name is Ada."}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "Hi Ada!"}], "metadata": None}],
+    ],
+)
+def test_history_in_either_gradio_shape_becomes_chat_messages(history):
+    assert to_messages("What is my name?", history, " Be brief. ") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Hi Ada!"},
+        {"role": "user", "content": "What is my name?"},
+    ]

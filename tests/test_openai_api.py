@@ -1,0 +1,115 @@
+"""The OpenAI-compatible API, driven by the official `openai` client, against real Serve (tiny models)."""
+
+import json
+
+import openai
+import pytest
+from openai import OpenAI
+
+
+@pytest.fixture
+def client(base_url):
+    return OpenAI(base_url=f"{base_url}/tiny-chat/v1", api_key="unused", max_retries=0)
+
+
+HELLO = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello."}]
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+
+
+def test_non_streaming_completion_with_usage(client):
+    completion = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=12, temperature=0)
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == 12
+    assert completion.usage.prompt_tokens > 5
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 12
+
+
+def test_streaming_matches_non_streaming_and_reports_usage(client):
+    whole = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model="tiny-chat", messages=HELLO, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1
+    assert "".join(content) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_max_completion_tokens_is_honoured(client):
+    completion = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_completion_tokens=5,
+                                                temperature=0)
+    assert completion.usage.completion_tokens == 5
+
+
+def test_stop_string_ends_the_reply_and_never_reaches_the_client(client):
+    full = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    expected = text[: text.index(stop)]
+
+    for stream in (False, True):
+        response = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=24,
+                                                  temperature=0, stop=[stop, "never-seen"], stream=stream)
+        if stream:
+            chunks = list(response)
+            got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            got, finish = response.choices[0].message.content, response.choices[0].finish_reason
+        assert got == expected
+        assert finish == "stop"
+
+
+def test_stream_has_sse_framing_and_no_buffering_headers(http):
+    with http.stream("POST", "/tiny-chat/v1/chat/completions",
+                     json={"messages": HELLO, "max_tokens": 3, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        assert response.headers["cache-control"] == "no-cache"
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": HELLO, "n": 2}, 400, "n"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+        ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
+        ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": HELLO, "stop": ""}, 400, "stop"),
+        ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, None),
+        ({"messages": HELLO, "tools": []}, 400, "tools"),
+        ({"messages": HELLO, "model": "gpt-4o"}, 404, "model"),
+        ({"messages": HELLO, "max_tokens": 600}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": " "}]}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(http, body, status, param):
+    response = http.post("/tiny-chat/v1/chat/completions", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert len(error["message"]) > 10
+
+
+def test_openai_client_raises_its_own_error_types(client):
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="tiny-chat", messages=HELLO, n=2)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)

@@ -1,0 +1,60 @@
+"""The shareable demo: `python -m ui --backend ... --share`, standalone, streaming over HTTP."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from gradio_client import Client
+
+from tests.conftest import ROOT, free_port
+from tests.test_chat_page import partials
+
+
+@pytest.fixture(scope="module")
+def standalone(base_url):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ui", "--backend", f"{base_url}/tiny-chat", "--port", str(port), "--share"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline and not any("share link" in line.lower() for line in lines):
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+    yield f"http://127.0.0.1:{port}/", lines
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_offline_share_keeps_serving_locally_and_says_so_in_one_line(standalone):
+    url, lines = standalone
+    assert any(line.startswith(f"Chat page on {url}") for line in lines), lines
+    share_lines = [line for line in lines if "share link" in line.lower()]
+    assert len(share_lines) == 1 and share_lines[0].startswith("No share link"), lines
+
+
+def test_standalone_page_streams_from_the_http_api(standalone, http):
+    url, _ = standalone
+    outputs = partials(Client(url, verbose=False), "Hello there", ("Be kind.", 0.0, 1.0, 16))
+    assert len(outputs) > 2
+    assert all(later.startswith(earlier) for earlier, later in zip(outputs, outputs[1:]))
+    direct = http.post("/tiny-chat/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}],
+        "max_tokens": 16, "temperature": 0}).json()
+    assert outputs[-1] == direct["choices"][0]["message"]["content"]
+
+
+def test_standalone_shows_backend_errors(standalone):
+    url, _ = standalone
+    job = Client(url, verbose=False).submit("x" * 40_000, "", 0.0, 1.0, 16, api_name="/chat")
+    with pytest.raises(Exception, match="limit is 32000"):
+        job.result(timeout=60)
+
+
+def test_bad_backend_url_is_refused_with_a_message():
+    result = subprocess.run([sys.executable, "-m", "ui", "--backend", "localhost:8000"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--backend must be an http(s) URL" in result.stderr

@@ -1,0 +1,64 @@
+"""The shareable demo: the same chat page, standalone, streaming from a Textbot backend over HTTP.
+
+    python -m ui --backend http://HOST:8000/api --share
+"""
+
+import argparse
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import yaml
+
+from ui.chat import make_chat_fn
+from ui.page import LOOK, build_page
+from ui.settings import ChatPageSettings
+from ui.sources import http_source
+
+DEPLOY_YAML = Path(__file__).resolve().parent.parent / "deploy.yaml"
+
+
+def page_settings(config: Path) -> ChatPageSettings:
+    """The chat application's args in deploy.yaml, so both modes start from the same defaults."""
+    if not config.is_file():
+        return ChatPageSettings()
+    apps = yaml.safe_load(config.read_text()).get("applications", [])
+    args = next((app.get("args", {}) for app in apps if app.get("import_path", "").startswith("ui.")), {})
+    return ChatPageSettings.model_validate(args)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ui", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="http://127.0.0.1:8000/api",
+                        help="Textbot's API root (default: %(default)s)")
+    parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--config", type=Path, default=DEPLOY_YAML, help="deploy.yaml to take defaults from")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.backend.startswith(("http://", "https://")):
+        raise SystemExit(f"--backend must be an http(s) URL such as http://127.0.0.1:8000/api, not {args.backend!r}")
+    source = http_source(args.backend, api_key=os.environ.get("TEXTBOT_API_KEY"))
+    page = build_page(make_chat_fn(source), page_settings(args.config))
+    gradio_said = io.StringIO()
+    with contextlib.redirect_stdout(gradio_said):  # Gradio explains a failed share link in 10 lines
+        _, local_url, share_url = page.launch(
+            server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+            quiet=True, **LOOK,
+        )
+    print(f"Chat page on {local_url} streaming from {args.backend}", flush=True)
+    if args.share and share_url:
+        print(f"Share link: {share_url}", flush=True)
+    elif args.share:
+        reason = next((line.strip() for line in gradio_said.getvalue().splitlines() if line.strip()), "unknown")
+        print(f"No share link (Gradio: {reason}); serving on {local_url} only.", flush=True)
+    page.block_thread()
+
+
+if __name__ == "__main__":
+    main()

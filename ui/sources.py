@@ -1,0 +1,66 @@
+"""Stream sources for the chat function: Textbot through a Serve handle, or over HTTP."""
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+
+def handle_source(handle):
+    """Stream from Textbot's `stream_chat` through a DeploymentHandle (inside Serve)."""
+    streaming = handle.options(stream=True)
+
+    async def stream(messages: list[dict], sampling: dict) -> AsyncIterator[str]:
+        response = streaming.stream_chat.remote(messages, sampling)
+        try:
+            async for piece in response:
+                yield piece
+        finally:
+            # Stop pressed or tab closed: Gradio cancels us; pass it on to the replica.
+            response.cancel()
+
+    return stream
+
+
+class BackendError(RuntimeError):
+    """The backend answered with an error; `message` is its sentence."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def http_source(backend_url: str, api_key: str | None = None, timeout_s: float = 300.0):
+    """Stream from the backend's OpenAI-compatible chat completions over HTTP (standalone page)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.AsyncClient(base_url=backend_url.rstrip("/") + "/", headers=headers,
+                               timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    async def stream(messages: list[dict], sampling: dict) -> AsyncIterator[str]:
+        body = {"messages": messages, "stream": True, "temperature": sampling.get("temperature"),
+                "top_p": sampling.get("top_p"), "max_tokens": sampling.get("max_new_tokens")}
+        try:
+            async with client.stream("POST", "v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise BackendError(_error_message(response))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if "error" in chunk:
+                        raise BackendError(chunk["error"]["message"])
+                    for choice in chunk.get("choices", ()):
+                        if piece := choice["delta"].get("content"):
+                            yield piece
+        except httpx.TransportError as error:
+            raise BackendError(f"cannot reach the backend at {backend_url} ({error.__class__.__name__}).") from error
+
+    return stream
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"the backend answered HTTP {response.status_code}."
