@@ -8,12 +8,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from backend import model
+from backend.auth import BearerKeyMiddleware
+from backend.conversation import fit_to_context
 from backend.engine import Engine, Generation, PromptTooLongError
 from backend.errors import APIError, install_error_handlers
 from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
@@ -27,13 +29,24 @@ api = FastAPI(
     root_path_in_servers=False,
 )
 install_error_handlers(api)
+api.add_middleware(BearerKeyMiddleware)
 
 # Tell reverse proxies (nginx and friends) to pass each piece through at once.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _messages = TypeAdapter(list[ChatMessage])
 
+# The Ray Serve tutorial's WebSocket protocol: this frame ends each reply.
+END_OF_REPLY = "<<Response Finished>>"
 
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    # A close frame's reason is limited to 123 bytes of UTF-8.
+    await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+
+# Module-level helpers the class uses stay above it: Serve ships the ingress class
+# to replicas by value, and a helper defined below it was missing there (NameError).
 @serve.deployment
 @serve.ingress(api)
 class Textbot:
@@ -85,6 +98,45 @@ class Textbot:
     @api.get("/v1/models", response_model=ModelList, summary="The served model")
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.engine.loaded.name, created=self.started)])
+
+    @api.websocket("/")
+    async def chat_socket(self, ws: WebSocket) -> None:
+        """The tutorial's WebSocket chat: each text frame is a user message; the reply
+        streams back as text frames, then END_OF_REPLY. The connection keeps the
+        conversation, trimmed from its oldest turns to fit the model's context."""
+        await ws.accept()
+        conversation: list[ChatMessage] = []
+        while True:
+            try:
+                frame = await ws.receive()
+            except WebSocketDisconnect:
+                return
+            if frame["type"] == "websocket.disconnect":
+                return
+            text = frame.get("text")
+            if text is None:
+                return await _close(ws, 1003, "Send text frames: binary frames are not supported.")
+            try:
+                self._check_text(text, "message")
+            except APIError as error:
+                return await _close(ws, 1009 if error.status == 413 else 1007, error.message)
+            conversation.append(ChatMessage(role="user", content=text))
+            conversation, _ = fit_to_context(conversation, self.engine.count_prompt_tokens, self._prompt_budget)
+            reply = ""
+            try:
+                async for piece in self._start(conversation, SamplingParams()):
+                    reply += piece
+                    await ws.send_text(piece)
+            except APIError as error:
+                return await _close(ws, 1008, error.message)
+            conversation.append(ChatMessage(role="assistant", content=reply))
+            await ws.send_text(END_OF_REPLY)
+
+    @property
+    def _prompt_budget(self) -> int:
+        """Prompt tokens a conversation may use and still leave room for a default-length reply."""
+        context = self.engine.context_length
+        return context - min(self.settings.generation.max_new_tokens, context // 2)
 
     @api.get("/health", summary="Ready when the model is loaded")
     async def health(self) -> dict:

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # backend/, ui/ and tests/ from this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
+API_KEY = "test-key-not-a-secret"
+PAGE_LOGIN = ("ada", "lovelace-1815")
 TINY_APPS = {"tiny-chat": "build_tiny_chat_model", "tiny-gpt2": "build_tiny_gpt2"}
 
 
@@ -78,6 +80,15 @@ def serve_config(tiny_models) -> dict:
     config["applications"].append({
         "name": "greedy-page", "route_prefix": "/greedy-page", "import_path": "ui.deployment:build_app",
         "args": {"textbot_app": "textbot", "generation": {"temperature": 0.0, "max_new_tokens": 24}},
+    })
+    # Access control switched on through the environment, as an operator would.
+    locked = tiny_app("tiny-locked", tiny_models["tiny-chat"])
+    locked["runtime_env"] = {"env_vars": {"TEXTBOT_API_KEY": API_KEY}}
+    config["applications"].append(locked)
+    config["applications"].append({
+        "name": "locked-page", "route_prefix": "/locked-page", "import_path": "ui.deployment:build_app",
+        "args": {"textbot_app": "tiny-chat"},
+        "runtime_env": {"env_vars": {"TEXTBOT_UI_USER": PAGE_LOGIN[0], "TEXTBOT_UI_PASSWORD": PAGE_LOGIN[1]}},
     })
     # A model source that cannot load: shows the failure a person would see.
     config["applications"].append(tiny_app("broken", Path("/nonexistent/model")))

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ui.chat import make_chat_fn
-from ui.page import LOOK, build_page
+from ui.page import LOOK, build_page, login
 from ui.settings import ChatPageSettings
 from ui.sources import http_source
 
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     with contextlib.redirect_stdout(gradio_said):  # Gradio explains a failed share link in 10 lines
         _, local_url, share_url = page.launch(
             server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
-            quiet=True, **LOOK,
+            quiet=True, auth=login(), **LOOK,
         )
     print(f"Chat page on {local_url} streaming from {args.backend}", flush=True)
     if args.share and share_url:

@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve import Application
 
 from ui.chat import make_chat_fn
-from ui.page import LOOK, build_page
+from ui.page import LOOK, build_page, login
 from ui.settings import ChatPageSettings
 from ui.sources import handle_source
 
@@ -26,7 +26,7 @@ class ChatPage:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # mount_gradio_app builds the page's config and starts its queue in the app's lifespan.
-        return gr.mount_gradio_app(FastAPI(), self.page, path="/", **LOOK)
+        return gr.mount_gradio_app(FastAPI(), self.page, path="/", auth=login(), **LOOK)
 
 
 def build_app(settings: ChatPageSettings) -> Application:

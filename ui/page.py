@@ -1,5 +1,7 @@
 """The chat page itself: a Gradio ChatInterface with the sampling controls."""
 
+import os
+
 import gradio as gr
 
 from ui.settings import ChatPageSettings
@@ -9,6 +11,12 @@ LOOK = {
     "theme": gr.themes.Soft(primary_hue="indigo", neutral_hue="slate"),
     "css": "footer {visibility: hidden} .gradio-container {max-width: 960px !important; margin: auto}",
 }
+
+
+def login() -> tuple[str, str] | None:
+    """Gradio's login, on when TEXTBOT_UI_USER and TEXTBOT_UI_PASSWORD are both set."""
+    user, password = os.environ.get("TEXTBOT_UI_USER"), os.environ.get("TEXTBOT_UI_PASSWORD")
+    return (user, password) if user and password else None
 
 
 def build_page(chat_fn, settings: ChatPageSettings) -> gr.Blocks:
