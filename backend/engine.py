@@ -2,7 +2,9 @@
 
 Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
 `async for piece in generation` and `generation.cancel()`. Today each request
-decodes on its own thread; the loop is small enough to read in one go:
+decodes on a thread of a small pool (`max_running` at once, `max_waiting` more
+queued, the rest refused with EngineBusyError); the loop is small enough to
+read in one go:
 `prefill`/`decode_step` run the model, `sample` picks a token, `_generate`
 strings them together and hands text to the event loop.
 """
@@ -13,7 +15,9 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -29,9 +33,17 @@ class PromptTooLongError(ValueError):
     """The prompt leaves no room in the model's context for a reply."""
 
 
+class GenerationError(RuntimeError):
+    """The model failed while generating; the stream ends with this error."""
+
+
+class EngineBusyError(RuntimeError):
+    """Every generation slot and waiting place is taken; try again shortly."""
+
+
 @dataclass
 class _Finished:
-    reason: str  # "stop" (end of sequence), "length" (token budget or context), "cancelled"
+    reason: str  # "stop" (end of sequence), "length" (token budget, context or time cap), "cancelled"
     error: BaseException | None = None
 
 
@@ -72,19 +84,36 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, torch_threads: int | None = None):
+    def __init__(self, loaded: LoadedModel, torch_threads: int | None = None, max_running: int = 2,
+                 max_waiting: int = 16, max_seconds: float | None = None):
         self.loaded = loaded
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        self.max_running, self.max_waiting, self.max_seconds = max_running, max_waiting, max_seconds
+        # The pool's own queue holds the waiting generations.
+        self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="generation")
         self._ids = itertools.count(1)
-        self._active: set[int] = set()
+        self._pending: dict[int, Generation] = {}  # queued or running
+        self._running = 0
         self._lock = threading.Lock()
 
     @property
     def active(self) -> int:
-        """Generations whose decode loop is still running."""
+        """Generations not yet finished: running, or waiting for a slot."""
         with self._lock:
-            return len(self._active)
+            return len(self._pending)
+
+    def shutdown(self) -> None:
+        """Cancel everything in flight, so a stopping replica does not wait on it."""
+        with self._lock:
+            for generation in self._pending.values():
+                generation.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=False)
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return self._running
 
     @property
     def context_length(self) -> int:
@@ -108,16 +137,15 @@ class Engine:
                 "Shorten the conversation or ask for fewer tokens."
             )
         generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
-        budget = min(sampling.max_new_tokens, room)
         with self._lock:
-            self._active.add(generation.id)
-        loop = asyncio.get_running_loop()
-        threading.Thread(
-            target=self._generate,
-            args=(generation, prompt_ids, budget, loop),
-            name=f"generation-{generation.id}",
-            daemon=True,
-        ).start()
+            if len(self._pending) >= self.max_running + self.max_waiting:
+                raise EngineBusyError(
+                    f"All {self.max_running} generation slots and {self.max_waiting} waiting places are "
+                    "taken. Try again in a few seconds."
+                )
+            self._pending[generation.id] = generation
+        budget = min(sampling.max_new_tokens, room)
+        self._pool.submit(self._generate, generation, prompt_ids, budget, asyncio.get_running_loop())
         return generation
 
     def _generate(self, generation: Generation, prompt_ids: list[int], budget: int, loop) -> None:
@@ -130,6 +158,8 @@ class Engine:
 
         detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
         finished = _Finished("length")
+        with self._lock:
+            self._running += 1
         try:
             for token_id in self._tokens(prompt_ids, generation.sampling, budget, generation._cancelled):
                 if token_id in self.loaded.eos_token_ids:
@@ -144,22 +174,27 @@ class Engine:
                 hand_over(tail)
         except Exception as exc:  # reaches the consumer as the stream's error
             log.exception("Generation %d failed", generation.id)
-            finished = _Finished("error", exc)
+            failure = GenerationError(f"The model failed while generating ({type(exc).__name__}: {exc}).")
+            finished = _Finished("error", failure)
         finally:
             with self._lock:
-                self._active.discard(generation.id)
+                self._running -= 1
+                self._pending.pop(generation.id, None)
             hand_over(finished)
 
     @torch.inference_mode()
     def _tokens(
         self, prompt_ids: list[int], sampling: ResolvedSampling, budget: int, stop: threading.Event
     ) -> Iterator[int]:
+        if stop.is_set():  # cancelled while it waited for a slot
+            return
         model = self.loaded.model
         rng = torch.Generator()
         rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        deadline = time.monotonic() + self.max_seconds if self.max_seconds else float("inf")
         logits, cache = prefill(model, prompt_ids)
         for step in range(budget):
-            if stop.is_set():
+            if stop.is_set() or time.monotonic() > deadline:
                 return
             token_id = sample(logits, sampling, rng)
             yield token_id

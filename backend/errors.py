@@ -50,6 +50,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _describe(exc.errors()[0])
         return error_response(400, message, param, "invalid_value")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Starlette still logs the exception; the client gets a sentence, not a bare 500.
+        return error_response(500, str(exc) or f"Internal error ({type(exc).__name__}).")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)

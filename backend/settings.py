@@ -59,9 +59,20 @@ class GenerationDefaults(_Strict):
     )
 
 
+class EngineSettings(_Strict):
+    """How much a replica generates at once; beyond it, requests are refused (503)."""
+
+    max_running: int = Field(2, ge=1, description="Generations decoding at once per replica.")
+    max_waiting: int = Field(16, ge=0, description="Generations queued for a slot; more are refused.")
+    max_seconds: float | None = Field(
+        120.0, gt=0, description="Wall-clock cap on one generation; the reply ends with finish reason 'length'."
+    )
+
+
 class TextbotSettings(_Strict):
     model: ModelSettings = ModelSettings()
     generation: GenerationDefaults = GenerationDefaults()
+    engine: EngineSettings = EngineSettings()
     max_prompt_chars: int = Field(
         32_000, ge=1, description="Longest prompt or message accepted, in characters."
     )

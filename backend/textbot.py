@@ -16,7 +16,7 @@ from ray import serve
 from backend import model
 from backend.auth import BearerKeyMiddleware
 from backend.conversation import fit_to_context
-from backend.engine import Engine, Generation, PromptTooLongError
+from backend.engine import Engine, EngineBusyError, Generation, PromptTooLongError
 from backend.errors import APIError, install_error_handlers
 from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from backend.openai_serving import CompletionText, complete, sse_stream
@@ -36,6 +36,9 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _messages = TypeAdapter(list[ChatMessage])
 
+# Seconds a refused client should wait; a reply of the default length takes about this long.
+RETRY_AFTER_S = "5"
+
 # The Ray Serve tutorial's WebSocket protocol: this frame ends each reply.
 END_OF_REPLY = "<<Response Finished>>"
 
@@ -53,7 +56,9 @@ class Textbot:
     def __init__(self, settings: TextbotSettings):
         self.settings = settings
         loaded = model.load(settings.model)
-        self.engine = Engine(loaded, settings.model.torch_threads)
+        limits = settings.engine
+        self.engine = Engine(loaded, settings.model.torch_threads, max_running=limits.max_running,
+                             max_waiting=limits.max_waiting, max_seconds=limits.max_seconds)
         self.started = int(time.time())
 
     # ---- HTTP routes ---------------------------------------------------------
@@ -127,10 +132,14 @@ class Textbot:
                 async for piece in self._start(conversation, SamplingParams()):
                     reply += piece
                     await ws.send_text(piece)
-            except APIError as error:
-                return await _close(ws, 1008, error.message)
+            except APIError as error:  # 1013: "try again later"
+                return await _close(ws, 1013 if error.status == 503 else 1008, error.message)
             conversation.append(ChatMessage(role="assistant", content=reply))
             await ws.send_text(END_OF_REPLY)
+
+    def __del__(self):
+        if engine := getattr(self, "engine", None):  # absent if the model failed to load
+            engine.shutdown()
 
     @property
     def _prompt_budget(self) -> int:
@@ -163,6 +172,11 @@ class Textbot:
         async for piece in generation:
             yield piece
 
+    def stats(self) -> dict:
+        """Generations in flight in this replica: for operators and tests."""
+        running = self.engine.running
+        return {"running": running, "waiting": self.engine.active - running}
+
     # ---- Shared --------------------------------------------------------------
 
     def _start(self, messages: list[ChatMessage], params: SamplingParams, strict: bool = False) -> Generation:
@@ -181,6 +195,8 @@ class Textbot:
             return self.engine.submit(messages, sampling, shorten=not (strict and params.max_new_tokens))
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except EngineBusyError as exc:
+            raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None
 
     def _check_text(self, text: str, param: str) -> str:
         if not text.strip():

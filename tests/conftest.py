@@ -25,7 +25,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 API_KEY = "test-key-not-a-secret"
 PAGE_LOGIN = ("ada", "lovelace-1815")
-TINY_APPS = {"tiny-chat": "build_tiny_chat_model", "tiny-gpt2": "build_tiny_gpt2"}
+TINY_APPS = {"tiny-chat": "build_tiny_chat_model", "tiny-gpt2": "build_tiny_gpt2",
+             "tiny-broken": "build_broken_model"}
 
 
 def free_port() -> int:
@@ -42,13 +43,13 @@ def app_config(config: dict, name: str) -> dict:
     return next(app for app in config["applications"] if app["name"] == name)
 
 
-def tiny_app(name: str, source: Path) -> dict:
+def tiny_app(name: str, source: Path, **engine) -> dict:
     return {
         "name": name,
         "route_prefix": f"/{name}",
         "import_path": "backend.app:build_app",
-        "args": {"model": {"source": str(source)},
-                 "generation": {"max_new_tokens": 24, "temperature": 0.0}},
+        "args": {"model": {"source": str(source), "name": source.name},
+                 "generation": {"max_new_tokens": 24, "temperature": 0.0}, "engine": engine},
         "deployments": [{"name": "Textbot", "max_ongoing_requests": 8,
                          "ray_actor_options": {"num_cpus": 0}}],
     }
@@ -67,6 +68,12 @@ def serve_config(tiny_models) -> dict:
     config = copy.deepcopy(load_deploy_config())
     config["http_options"]["port"] = free_port()
     config["applications"] += [tiny_app(name, path) for name, path in tiny_models.items()]
+    # Small limits, to see overload and the wall-clock cap; a replica the fault tests may kill.
+    busy = tiny_app("tiny-busy", tiny_models["tiny-chat"], max_running=1, max_waiting=4)
+    busy["args"]["generation"]["max_new_tokens"] = 2000  # WebSocket replies long enough to overlap
+    config["applications"].append(busy)
+    config["applications"].append(tiny_app("tiny-capped", tiny_models["tiny-chat"], max_seconds=0.3))
+    config["applications"].append(tiny_app("tiny-victim", tiny_models["tiny-chat"]))
     config["applications"].append({
         "name": "relay", "route_prefix": "/relay", "import_path": "tests.relay:build",
         "args": {"textbot_app": "tiny-chat"},

@@ -67,7 +67,7 @@ def test_cancel_stops_the_decode_loop(engine):
 
 
 def test_prompt_beyond_context_is_refused(engine):
-    long_conversation = [ChatMessage(role="user", content="Hello there! " * 2000)]
+    long_conversation = [ChatMessage(role="user", content="Hello there! " * 5000)]
 
     async def submit():
         engine.submit(long_conversation, GREEDY)

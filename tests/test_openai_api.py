@@ -95,7 +95,7 @@ def test_stream_has_sse_framing_and_no_buffering_headers(http):
         ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, None),
         ({"messages": HELLO, "tools": []}, 400, "tools"),
         ({"messages": HELLO, "model": "gpt-4o"}, 404, "model"),
-        ({"messages": HELLO, "max_tokens": 600}, 400, "messages"),
+        ({"messages": HELLO, "max_tokens": 4090}, 400, "messages"),
         ({"messages": [{"role": "user", "content": " "}]}, 400, "messages"),
     ],
 )

@@ -44,15 +44,25 @@ def build_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
 
 
 def build_tiny_chat_model(folder: Path) -> Path:
-    """A 2-layer Llama with a chat template."""
+    """A 2-layer Llama with a chat template and a 4096-token context (long replies to cancel)."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer(CHATML)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     save(LlamaForCausalLM(config), tokenizer, folder)
+    return folder
+
+
+def build_broken_model(folder: Path) -> Path:
+    """The tiny chat model with NaN output weights: sampling from it raises inside generation."""
+    build_tiny_chat_model(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(folder)
     return folder
 
 
