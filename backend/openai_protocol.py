@@ -53,6 +53,12 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, description="Only 1 is supported.")
     user: str | None = None
+    truncation: Literal["disabled", "auto"] = Field(
+        "disabled",
+        description=("Textbot extension, named as in OpenAI's Responses API: 'auto' drops the oldest turns "
+                     "(never system messages or the last message) until the conversation fits the context; "
+                     "the response header X-Textbot-Dropped-Messages says how many."),
+    )
     frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
     presence_penalty: float | None = Field(None, description="Only 0 is supported.")
 

@@ -16,7 +16,7 @@ from ray import serve
 from backend import model
 from backend.auth import BearerKeyMiddleware
 from backend.conversation import fit_to_context
-from backend.engine import Engine, EngineBusyError, Generation, PromptTooLongError
+from backend.engine import Engine, EngineBusyError, Generation, GenerationError, PromptTooLongError
 from backend.errors import APIError, install_error_handlers
 from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from backend.openai_serving import CompletionText, complete, sse_stream
@@ -35,6 +35,9 @@ api.add_middleware(BearerKeyMiddleware)
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _messages = TypeAdapter(list[ChatMessage])
+
+# How many of the oldest messages `truncation: "auto"` dropped to fit the context.
+DROPPED_HEADER = "X-Textbot-Dropped-Messages"
 
 # Seconds a refused client should wait; a reply of the default length takes about this long.
 RETRY_AFTER_S = "5"
@@ -91,14 +94,18 @@ class Textbot:
         messages = [m.to_chat() for m in request.messages]
         for message in messages:
             self._check_text(message.content, "messages")
+        dropped = 0
+        if request.truncation == "auto":
+            messages, dropped = self._fit(messages, request.token_limit)
         sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
                                   top_p=request.top_p, seed=request.seed)
         text = CompletionText(self._start(messages, sampling, strict=True), request.stop_strings)
+        headers = {DROPPED_HEADER: str(dropped)}
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(sse_stream(text, name, include_usage),
-                                     media_type="text/event-stream", headers=STREAM_HEADERS)
-        return JSONResponse((await complete(text, name)).model_dump())
+            return StreamingResponse(sse_stream(text, name, include_usage), media_type="text/event-stream",
+                                     headers=STREAM_HEADERS | headers)
+        return JSONResponse((await complete(text, name)).model_dump(), headers=headers)
 
     @api.get("/v1/models", response_model=ModelList, summary="The served model")
     async def models(self) -> ModelList:
@@ -126,7 +133,7 @@ class Textbot:
             except APIError as error:
                 return await _close(ws, 1009 if error.status == 413 else 1007, error.message)
             conversation.append(ChatMessage(role="user", content=text))
-            conversation, _ = fit_to_context(conversation, self.engine.count_prompt_tokens, self._prompt_budget)
+            conversation, _ = self._fit(conversation)
             reply = ""
             try:
                 async for piece in self._start(conversation, SamplingParams()):
@@ -134,18 +141,14 @@ class Textbot:
                     await ws.send_text(piece)
             except APIError as error:  # 1013: "try again later"
                 return await _close(ws, 1013 if error.status == 503 else 1008, error.message)
+            except GenerationError as error:
+                return await _close(ws, 1011, str(error))
             conversation.append(ChatMessage(role="assistant", content=reply))
             await ws.send_text(END_OF_REPLY)
 
     def __del__(self):
         if engine := getattr(self, "engine", None):  # absent if the model failed to load
             engine.shutdown()
-
-    @property
-    def _prompt_budget(self) -> int:
-        """Prompt tokens a conversation may use and still leave room for a default-length reply."""
-        context = self.engine.context_length
-        return context - min(self.settings.generation.max_new_tokens, context // 2)
 
     @api.get("/health", summary="Ready when the model is loaded")
     async def health(self) -> dict:
@@ -172,6 +175,13 @@ class Textbot:
         async for piece in generation:
             yield piece
 
+    async def fit_conversation(self, messages: list[dict], max_new_tokens: int | None = None) -> dict:
+        """Drop a conversation's oldest turns (never system messages or the last message) until
+        it leaves room for the reply. Returns {"messages": [...], "dropped": n}."""
+        conversation = _messages.validate_python(messages)
+        fitted, dropped = self._fit(conversation, max_new_tokens)
+        return {"messages": [m.model_dump() for m in fitted], "dropped": dropped}
+
     def stats(self) -> dict:
         """Generations in flight in this replica: for operators and tests."""
         running = self.engine.running
@@ -197,6 +207,11 @@ class Textbot:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except EngineBusyError as exc:
             raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+    def _fit(self, messages: list[ChatMessage], max_new_tokens: int | None = None) -> tuple[list[ChatMessage], int]:
+        context = self.engine.context_length
+        reply_room = min(max_new_tokens or self.settings.generation.max_new_tokens, context // 2)
+        return fit_to_context(messages, self.engine.count_prompt_tokens, context - reply_room)
 
     def _check_text(self, text: str, param: str) -> str:
         if not text.strip():

@@ -68,6 +68,7 @@ def serve_config(tiny_models) -> dict:
     config = copy.deepcopy(load_deploy_config())
     config["http_options"]["port"] = free_port()
     config["applications"] += [tiny_app(name, path) for name, path in tiny_models.items()]
+    app_config(config, "tiny-broken")["args"]["generation"]["temperature"] = 1.0  # NaN logits fail sampling
     # Small limits, to see overload and the wall-clock cap; a replica the fault tests may kill.
     busy = tiny_app("tiny-busy", tiny_models["tiny-chat"], max_running=1, max_waiting=4)
     busy["args"]["generation"]["max_new_tokens"] = 2000  # WebSocket replies long enough to overlap
@@ -96,6 +97,11 @@ def serve_config(tiny_models) -> dict:
         "name": "locked-page", "route_prefix": "/locked-page", "import_path": "ui.deployment:build_app",
         "args": {"textbot_app": "tiny-chat"},
         "runtime_env": {"env_vars": {"TEXTBOT_UI_USER": PAGE_LOGIN[0], "TEXTBOT_UI_PASSWORD": PAGE_LOGIN[1]}},
+    })
+    # The chat page on tiny-gpt2 (256-token context): long conversations get trimmed.
+    config["applications"].append({
+        "name": "gpt2-page", "route_prefix": "/gpt2-page", "import_path": "ui.deployment:build_app",
+        "args": {"textbot_app": "tiny-gpt2", "generation": {"temperature": 0.0, "max_new_tokens": 16}},
     })
     # A model source that cannot load: shows the failure a person would see.
     config["applications"].append(tiny_app("broken", Path("/nonexistent/model")))

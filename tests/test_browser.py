@@ -97,3 +97,12 @@ def test_second_turn_sees_the_first(page, base_url, http):
     assert normalised(bot_text(page, 0)) == normalised(reply_one)
     assert normalised(bot_text(page, 1)) == normalised(with_context)
     assert with_context != without_context
+
+
+def test_long_conversation_is_trimmed_and_the_user_told(page, base_url):
+    page.goto(f"{base_url}/gpt2-page/")
+    for turn in range(1, 5):
+        send(page, f"Turn {turn}: " + "tell me about the robot who sails the sea " * 5)
+        wait_for_reply_to_finish(page, turn=turn)
+    page.get_by_text("outgrew the model's context").first.wait_for(timeout=30_000)
+    assert page.get_by_test_id("bot").count() == 4

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable
 
 import gradio as gr
 
-StreamSource = Callable[[list[dict], dict], AsyncIterator[str]]
+# (messages, sampling, notify) -> text pieces; `notify` shows the user a side note.
+StreamSource = Callable[[list[dict], dict, Callable[[str], None]], AsyncIterator[str]]
 
 
 def text_of(content) -> str:
@@ -44,7 +45,7 @@ def make_chat_fn(source: StreamSource):
         sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": int(max_new_tokens)}
         reply = ""
         try:
-            async for piece in source(to_messages(message, history, system_prompt), sampling):
+            async for piece in source(to_messages(message, history, system_prompt), sampling, gr.Warning):
                 reply += piece
                 yield reply
         except gr.Error:

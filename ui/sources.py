@@ -1,17 +1,28 @@
 """Stream sources for the chat function: Textbot through a Serve handle, or over HTTP."""
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
+
+
+Notify = Callable[[str], None]
+
+
+def dropped_notice(dropped: int) -> str:
+    return (f"The conversation outgrew the model's context: its {dropped} oldest "
+            f"message{'s' if dropped > 1 else ''} no longer reach the model.")
 
 
 def handle_source(handle):
     """Stream from Textbot's `stream_chat` through a DeploymentHandle (inside Serve)."""
     streaming = handle.options(stream=True)
 
-    async def stream(messages: list[dict], sampling: dict) -> AsyncIterator[str]:
-        response = streaming.stream_chat.remote(messages, sampling)
+    async def stream(messages: list[dict], sampling: dict, notify: Notify) -> AsyncIterator[str]:
+        fitted = await handle.fit_conversation.remote(messages, sampling.get("max_new_tokens"))
+        if fitted["dropped"]:
+            notify(dropped_notice(fitted["dropped"]))
+        response = streaming.stream_chat.remote(fitted["messages"], sampling)
         try:
             async for piece in response:
                 yield piece
@@ -36,14 +47,17 @@ def http_source(backend_url: str, api_key: str | None = None, timeout_s: float =
     client = httpx.AsyncClient(base_url=backend_url.rstrip("/") + "/", headers=headers,
                                timeout=httpx.Timeout(timeout_s, connect=10.0))
 
-    async def stream(messages: list[dict], sampling: dict) -> AsyncIterator[str]:
+    async def stream(messages: list[dict], sampling: dict, notify: Notify) -> AsyncIterator[str]:
         body = {"messages": messages, "stream": True, "temperature": sampling.get("temperature"),
-                "top_p": sampling.get("top_p"), "max_tokens": sampling.get("max_new_tokens")}
+                "top_p": sampling.get("top_p"), "max_tokens": sampling.get("max_new_tokens"),
+                "truncation": "auto"}
         try:
             async with client.stream("POST", "v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise BackendError(_error_message(response))
+                if dropped := int(response.headers.get("x-textbot-dropped-messages", "0")):
+                    notify(dropped_notice(dropped))
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue

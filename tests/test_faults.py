@@ -1,0 +1,115 @@
+"""Faults: a model that fails mid-generation, and a replica killed mid-stream."""
+
+import asyncio
+import contextlib
+import time
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+HELLO = [{"role": "user", "content": "Hello"}]
+SAMPLED = {"temperature": 1.0, "max_tokens": 8}  # sampling from NaN logits raises
+
+
+def test_failing_generation_is_an_error_on_every_route(http, base_url):
+    response = http.post("/tiny-broken/v1/chat/completions", json={"messages": HELLO, **SAMPLED})
+    assert response.status_code == 500
+    assert "failed while generating" in response.json()["error"]["message"]
+
+    with http.stream("POST", "/tiny-broken/v1/chat/completions",
+                     json={"messages": HELLO, **SAMPLED, "stream": True}) as stream:
+        events = [line for line in stream.iter_lines() if line]
+    assert '"error"' in events[-1] and "failed while generating" in events[-1]
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        with http.stream("POST", "/tiny-broken/", params={"prompt": "Hi", "temperature": 1.0}) as stream:
+            list(stream.iter_raw())
+
+
+def test_failing_generation_closes_the_websocket_with_1011(base_url):
+    async def chat():
+        async with connect(base_url.replace("http://", "ws://") + "/tiny-broken/") as ws:
+            await ws.send("Hello")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 30)
+            return closed.value.rcvd
+
+    close = asyncio.run(chat())
+    assert close.code == 1011
+    assert "failed while generating" in close.reason
+
+
+def kill_replica(app: str) -> None:
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["name"].startswith(f"SERVE_REPLICA::{app}#Textbot#")]
+    assert len(actors) == 1
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+
+
+def next_request_succeeds(http, app: str, timeout_s: float = 120) -> bool:
+    """Serve replaces the dead replica; poll until a reply comes back."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if http.post(f"/{app}/", params={"prompt": "Hi", "max_new_tokens": 4}).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+async def read_until_failure(open_stream) -> tuple[str, float]:
+    """Open a long stream, kill the replica after the first piece, time the client's terminal error."""
+    async with open_stream() as pieces:
+        await anext(pieces)
+        kill_replica("tiny-victim")
+        killed = time.monotonic()
+        try:
+            async for _ in pieces:
+                pass
+            outcome = "ended"
+        except ConnectionClosed as closed:
+            outcome = f"WebSocket close {closed.rcvd.code if closed.rcvd else 'without a close frame'}"
+        except Exception as error:  # noqa: BLE001 - which error is what the test reports
+            outcome = type(error).__name__
+        return outcome, time.monotonic() - killed
+
+
+def http_stream(base_url, **kwargs):
+    @contextlib.asynccontextmanager
+    async def open_stream():
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            async with client.stream(**kwargs) as response:
+                yield response.aiter_lines()
+    return open_stream
+
+
+@pytest.mark.parametrize("route", ["text", "sse", "websocket"])
+def test_replica_killed_mid_stream_gives_a_terminal_error_then_recovers(base_url, http, route):
+    if route == "text":
+        opener = http_stream(base_url, method="POST", url="/tiny-victim/",
+                             params={"prompt": "Go on", "max_new_tokens": 4000})
+    elif route == "sse":
+        opener = http_stream(base_url, method="POST", url="/tiny-victim/v1/chat/completions",
+                             json={"messages": HELLO, "max_tokens": 4000, "stream": True})
+    else:
+        @contextlib.asynccontextmanager
+        async def opener():
+            async with connect(base_url.replace("http://", "ws://") + "/tiny-victim/") as ws:
+                await ws.send("Tell me a long story " * 30)
+
+                async def frames():
+                    while True:
+                        yield await ws.recv()
+                yield frames()
+
+    outcome, seconds = asyncio.run(read_until_failure(opener))
+    print(f"{route}: replica killed -> client saw {outcome} after {seconds:.2f} s")
+    assert outcome != "ended" or route == "sse"
+    assert seconds < 5
+    assert next_request_succeeds(http, "tiny-victim")
