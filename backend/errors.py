@@ -7,6 +7,8 @@ sentence saying what was wrong and where.
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,9 +34,20 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _is_field(part) -> bool:
+    """Field names and list indexes; not where the request came from ("body") nor the
+    tags pydantic adds for a union's branches ("str", "list[TextPart]")."""
+    if isinstance(part, int):
+        return True
+    return bool(re.fullmatch(r"[a-z_][a-z0-9_]*", part)) and part not in _TYPE_TAGS | {"body", "query", "path"}
+
+
 def _describe(error: dict) -> tuple[str, str | None]:
     """A pydantic/FastAPI validation error as a sentence and the parameter it concerns."""
-    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    location = [str(part) for part in error.get("loc", ()) if _is_field(part)]
     param = ".".join(location) or None
     where = f"'{param}'" if param else "the request"
     return f"Invalid {where}: {error.get('msg', 'invalid value')}.", param

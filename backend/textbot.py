@@ -15,6 +15,7 @@ from ray import serve
 
 from backend import model
 from backend.auth import BearerKeyMiddleware
+from backend.limits import install_body_limit
 from backend.conversation import fit_to_context
 from backend.engine import Engine, EngineBusyError, Generation, GenerationError, PromptTooLongError
 from backend.errors import APIError, install_error_handlers
@@ -29,7 +30,8 @@ api = FastAPI(
     root_path_in_servers=False,
 )
 install_error_handlers(api)
-api.add_middleware(BearerKeyMiddleware)
+install_body_limit(api)
+api.add_middleware(BearerKeyMiddleware)  # added last, runs first: no key, no body read
 
 # Tell reverse proxies (nginx and friends) to pass each piece through at once.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
