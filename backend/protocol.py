@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["system", "user", "assistant"]
+GREEDY_BELOW = 1e-5
 
 
 class ChatMessage(BaseModel):
@@ -43,4 +44,5 @@ class ResolvedSampling(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows to inf and sampling is greedy anyway.
+        return self.temperature < GREEDY_BELOW

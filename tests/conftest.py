@@ -103,6 +103,11 @@ def serve_config(tiny_models) -> dict:
         "name": "gpt2-page", "route_prefix": "/gpt2-page", "import_path": "ui.deployment:build_app",
         "args": {"textbot_app": "tiny-gpt2", "generation": {"temperature": 0.0, "max_new_tokens": 16}},
     })
+    # The chat page in front of the small-capacity backend: it must say when it is busy.
+    config["applications"].append({
+        "name": "busy-page", "route_prefix": "/busy-page", "import_path": "ui.deployment:build_app",
+        "args": {"textbot_app": "tiny-busy"},
+    })
     # A model source that cannot load: shows the failure a person would see.
     config["applications"].append(tiny_app("broken", Path("/nonexistent/model")))
     return config

@@ -38,6 +38,21 @@ def test_backend_error_is_shown_not_hung(tiny_page_url):
         job.result(timeout=60)
 
 
+def test_busy_backend_is_reported_in_the_page(base_url):
+    client = Client(f"{base_url}/busy-page/", verbose=False)
+    jobs = [client.submit(f"Story number {i}", "", 0.0, 1.0, 2048, api_name="/chat") for i in range(8)]
+    errors = []
+    for job in jobs:
+        try:
+            job.result(timeout=20)
+        except Exception as error:  # noqa: BLE001 - the refusals are what we look for
+            errors.append(str(error))
+    for job in jobs:
+        job.cancel()
+    busy = [e for e in errors if "Try again in a few seconds" in e]
+    assert busy, f"one slot and four waiting places cannot take eight replies at once: {errors}"
+
+
 def test_default_page_serves_the_default_model(base_url):
     outputs = partials(Client(f"{base_url}/", verbose=False), "Say hi in five words.", ("", 0.0, 1.0, 16))
     assert len(outputs) > 1

@@ -84,3 +84,11 @@ def test_models_without_chat_template_use_eos_separated_turns(tiny_models):
                     ChatMessage(role="user", content="How are you?")]
     ids = model.encode_chat(tok, conversation)
     assert tok.decode(ids) == "Hi<|endoftext|>Hello<|endoftext|>How are you?<|endoftext|>"
+
+
+def test_tiny_temperatures_sample_greedily_instead_of_overflowing(engine):
+    # Found by the fuzz test: logits / 1e-300 is inf, and softmax of inf is NaN.
+    tiny = ResolvedSampling(max_new_tokens=20, temperature=1e-300, top_p=1.0, seed=1)
+    generation, pieces = asyncio.run(reply(engine, sampling=tiny))
+    assert generation.finish_reason == "length"
+    assert pieces == asyncio.run(reply(engine))[1]

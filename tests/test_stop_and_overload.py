@@ -119,7 +119,7 @@ def test_overloaded_websocket_closes_with_try_again_later(base_url):
         sockets = [await connect(url) for _ in range(8)]
         async def first_frame_or_close(ws):
             try:
-                await asyncio.wait_for(ws.recv(), 20)
+                await asyncio.wait_for(ws.recv(), 10)
             except ConnectionClosed as closed:
                 return closed.rcvd
             except TimeoutError:  # still waiting for a slot: accepted, not refused
