@@ -15,10 +15,10 @@ from ray import serve
 
 from backend import model
 from backend.auth import BearerKeyMiddleware
-from backend.limits import install_body_limit
 from backend.conversation import fit_to_context
 from backend.engine import Engine, EngineBusyError, Generation, GenerationError, PromptTooLongError
 from backend.errors import APIError, install_error_handlers
+from backend.limits import install_body_limit
 from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from backend.openai_serving import CompletionText, complete, sse_stream
 from backend.protocol import ChatMessage, ResolvedSampling, SamplingParams
@@ -53,6 +53,13 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
     await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
 
 
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    if first:
+        yield first
+    async for piece in rest:
+        yield piece
+
+
 # Module-level helpers the class uses stay above it: Serve ships the ingress class
 # to replicas by value, and a helper defined below it was missing there (NameError).
 @serve.deployment
@@ -65,6 +72,10 @@ class Textbot:
         self.engine = Engine(loaded, settings.model.torch_threads, max_running=limits.max_running,
                              max_waiting=limits.max_waiting, max_seconds=limits.max_seconds)
         self.started = int(time.time())
+
+    def __del__(self):
+        if engine := getattr(self, "engine", None):  # absent if the model failed to load
+            engine.shutdown()
 
     # ---- HTTP routes ---------------------------------------------------------
 
@@ -81,9 +92,12 @@ class Textbot:
         messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed)
-        generation = self._start(messages, sampling)
+        pieces = aiter(self._start(messages, sampling))
+        # Wait for the first piece before sending the status line: a generation that
+        # fails at once is then a 500 with a message, not a 200 cut short.
+        first = await anext(pieces, "")
         return StreamingResponse(
-            aiter(generation), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
+            _chain(first, pieces), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
         )
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion,
@@ -148,10 +162,6 @@ class Textbot:
             conversation.append(ChatMessage(role="assistant", content=reply))
             await ws.send_text(END_OF_REPLY)
 
-    def __del__(self):
-        if engine := getattr(self, "engine", None):  # absent if the model failed to load
-            engine.shutdown()
-
     @api.get("/health", summary="Ready when the model is loaded")
     async def health(self) -> dict:
         return {"status": "ok", "model": self.engine.loaded.name}
@@ -163,8 +173,9 @@ class Textbot:
     ) -> AsyncIterator[str]:
         """Stream the reply to a conversation. Call through a handle with `.options(stream=True)`.
 
-        Raises ValueError (with a message for a person) for a bad conversation
-        or parameters, before the first piece.
+        Before the first piece, raises ValueError for a malformed conversation or
+        parameters, and APIError (its `status` and `message` are HTTP's) for one that
+        cannot be served: empty or too long, beyond the context, or the replica busy (503).
         """
         try:
             conversation = _messages.validate_python(messages)

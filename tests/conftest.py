@@ -43,16 +43,27 @@ def app_config(config: dict, name: str) -> dict:
     return next(app for app in config["applications"] if app["name"] == name)
 
 
-def tiny_app(name: str, source: Path, **engine) -> dict:
-    return {
+def tiny_app(name: str, source: Path, generation: dict | None = None, env: dict | None = None,
+             **engine) -> dict:
+    """Textbot on a tiny model: greedy, 24-token replies unless `generation` says otherwise."""
+    app = {
         "name": name,
         "route_prefix": f"/{name}",
         "import_path": "backend.app:build_app",
         "args": {"model": {"source": str(source), "name": source.name},
-                 "generation": {"max_new_tokens": 24, "temperature": 0.0}, "engine": engine},
+                 "generation": {"max_new_tokens": 24, "temperature": 0.0, **(generation or {})},
+                 "engine": engine},
         "deployments": [{"name": "Textbot", "max_ongoing_requests": 8,
                          "ray_actor_options": {"num_cpus": 0}}],
     }
+    return app | ({"runtime_env": {"env_vars": env}} if env else {})
+
+
+def page_app(name: str, textbot_app: str, generation: dict | None = None, env: dict | None = None) -> dict:
+    """The chat page in front of `textbot_app`."""
+    app = {"name": name, "route_prefix": f"/{name}", "import_path": "ui.deployment:build_app",
+           "args": {"textbot_app": textbot_app, "generation": generation or {}}}
+    return app | ({"runtime_env": {"env_vars": env}} if env else {})
 
 
 @pytest.fixture(scope="session")
@@ -67,49 +78,29 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def serve_config(tiny_models) -> dict:
     config = copy.deepcopy(load_deploy_config())
     config["http_options"]["port"] = free_port()
-    config["applications"] += [tiny_app(name, path) for name, path in tiny_models.items()]
-    app_config(config, "tiny-broken")["args"]["generation"]["temperature"] = 1.0  # NaN logits fail sampling
-    # Small limits, to see overload and the wall-clock cap; a replica the fault tests may kill.
-    busy = tiny_app("tiny-busy", tiny_models["tiny-chat"], max_running=1, max_waiting=4)
-    busy["args"]["generation"]["max_new_tokens"] = 2000  # WebSocket replies long enough to overlap
-    config["applications"].append(busy)
-    config["applications"].append(tiny_app("tiny-capped", tiny_models["tiny-chat"], max_seconds=0.3))
-    config["applications"].append(tiny_app("tiny-victim", tiny_models["tiny-chat"]))
-    config["applications"].append({
-        "name": "relay", "route_prefix": "/relay", "import_path": "tests.relay:build",
-        "args": {"textbot_app": "tiny-chat"},
-    })
-    # The chat page on the tiny chat model, greedy by default, for exact checks.
-    config["applications"].append({
-        "name": "tiny-page", "route_prefix": "/tiny-page", "import_path": "ui.deployment:build_app",
-        "args": {"textbot_app": "tiny-chat", "generation": {"temperature": 0.0, "max_new_tokens": 16}},
-    })
-    # The chat page on the default model, greedy and short: exact multi-turn checks in a browser.
-    config["applications"].append({
-        "name": "greedy-page", "route_prefix": "/greedy-page", "import_path": "ui.deployment:build_app",
-        "args": {"textbot_app": "textbot", "generation": {"temperature": 0.0, "max_new_tokens": 24}},
-    })
-    # Access control switched on through the environment, as an operator would.
-    locked = tiny_app("tiny-locked", tiny_models["tiny-chat"])
-    locked["runtime_env"] = {"env_vars": {"TEXTBOT_API_KEY": API_KEY}}
-    config["applications"].append(locked)
-    config["applications"].append({
-        "name": "locked-page", "route_prefix": "/locked-page", "import_path": "ui.deployment:build_app",
-        "args": {"textbot_app": "tiny-chat"},
-        "runtime_env": {"env_vars": {"TEXTBOT_UI_USER": PAGE_LOGIN[0], "TEXTBOT_UI_PASSWORD": PAGE_LOGIN[1]}},
-    })
-    # The chat page on tiny-gpt2 (256-token context): long conversations get trimmed.
-    config["applications"].append({
-        "name": "gpt2-page", "route_prefix": "/gpt2-page", "import_path": "ui.deployment:build_app",
-        "args": {"textbot_app": "tiny-gpt2", "generation": {"temperature": 0.0, "max_new_tokens": 16}},
-    })
-    # The chat page in front of the small-capacity backend: it must say when it is busy.
-    config["applications"].append({
-        "name": "busy-page", "route_prefix": "/busy-page", "import_path": "ui.deployment:build_app",
-        "args": {"textbot_app": "tiny-busy"},
-    })
-    # A model source that cannot load: shows the failure a person would see.
-    config["applications"].append(tiny_app("broken", Path("/nonexistent/model")))
+    chat, gpt2, broken = (tiny_models[name] for name in TINY_APPS)
+    greedy_16 = {"temperature": 0.0, "max_new_tokens": 16}
+    config["applications"] += [
+        tiny_app("tiny-chat", chat),
+        tiny_app("tiny-gpt2", gpt2),  # 256-token context: long conversations overflow it
+        tiny_app("tiny-broken", broken, {"temperature": 1.0}),  # sampling NaN logits fails
+        # Small limits, to see overload (long WebSocket replies, so they overlap) and the time cap.
+        tiny_app("tiny-busy", chat, {"max_new_tokens": 2000}, max_running=1, max_waiting=4),
+        tiny_app("tiny-capped", chat, max_seconds=0.3),
+        tiny_app("tiny-victim", chat),  # the fault tests kill its replica
+        # Access control switched on through the environment, as an operator would.
+        tiny_app("tiny-locked", chat, env={"TEXTBOT_API_KEY": API_KEY}),
+        {"name": "relay", "route_prefix": "/relay", "import_path": "tests.relay:build",
+         "args": {"textbot_app": "tiny-chat"}},
+        page_app("tiny-page", "tiny-chat", greedy_16),  # exact checks against the API
+        page_app("greedy-page", "textbot", {"temperature": 0.0, "max_new_tokens": 24}),  # multi-turn
+        page_app("gpt2-page", "tiny-gpt2", greedy_16),  # trims long conversations
+        page_app("busy-page", "tiny-busy"),  # must say when the backend is busy
+        page_app("locked-page", "tiny-chat",
+                 env={"TEXTBOT_UI_USER": PAGE_LOGIN[0], "TEXTBOT_UI_PASSWORD": PAGE_LOGIN[1]}),
+        # A model source that cannot load: shows the failure a person would see.
+        tiny_app("broken", Path("/nonexistent/model")),
+    ]
     return config
 
 

@@ -92,3 +92,12 @@ def test_tiny_temperatures_sample_greedily_instead_of_overflowing(engine):
     generation, pieces = asyncio.run(reply(engine, sampling=tiny))
     assert generation.finish_reason == "length"
     assert pieces == asyncio.run(reply(engine))[1]
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324])
+def test_tiny_top_p_keeps_the_likeliest_token(engine, top_p):
+    # Found by the fuzz test: in float32 such a top_p is 0 and every token was cut.
+    sampling = ResolvedSampling(max_new_tokens=20, temperature=1.0, top_p=top_p, seed=1)
+    generation, pieces = asyncio.run(reply(engine, sampling=sampling))
+    assert generation.finish_reason == "length"
+    assert pieces == asyncio.run(reply(engine))[1]  # only the likeliest token survives: greedy
