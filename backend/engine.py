@@ -98,17 +98,10 @@ class Engine:
         self._lock = threading.Lock()
 
     @property
-    def active(self) -> int:
+    def in_flight(self) -> int:
         """Generations not yet finished: running, or waiting for a slot."""
         with self._lock:
             return len(self._pending)
-
-    def shutdown(self) -> None:
-        """Cancel everything in flight, so a stopping replica does not wait on it."""
-        with self._lock:
-            for generation in self._pending.values():
-                generation.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=False)
 
     @property
     def running(self) -> int:
@@ -118,6 +111,13 @@ class Engine:
     @property
     def context_length(self) -> int:
         return self.loaded.context_length
+
+    def shutdown(self) -> None:
+        """Cancel everything in flight, so a stopping replica does not wait on it."""
+        with self._lock:
+            for generation in self._pending.values():
+                generation.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=False)
 
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(encode_chat(self.loaded.tokenizer, messages))

@@ -198,7 +198,7 @@ class Textbot:
     def stats(self) -> dict:
         """Generations in flight in this replica: for operators and tests."""
         running = self.engine.running
-        return {"running": running, "waiting": self.engine.active - running}
+        return {"running": running, "waiting": self.engine.in_flight - running}
 
     # ---- Shared --------------------------------------------------------------
 

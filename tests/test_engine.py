@@ -32,7 +32,7 @@ def test_greedy_reply_streams_to_its_token_budget(engine):
     assert generation.completion_tokens == 20
     assert generation.finish_reason == "length"
     assert generation.prompt_tokens == engine.count_prompt_tokens(HELLO)
-    assert engine.active == 0
+    assert engine.in_flight == 0
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_is_reproducible(engine):
@@ -56,12 +56,12 @@ def test_cancel_stops_the_decode_loop(engine):
         await anext(stream)
         await stream.aclose()  # what a disconnect does to the consumer
         deadline = time.monotonic() + 5
-        while engine.active and time.monotonic() < deadline:
+        while engine.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return generation
 
     generation = asyncio.run(cancel_midway())
-    assert engine.active == 0
+    assert engine.in_flight == 0
     assert generation.cancelled
     assert generation.completion_tokens < 400
 
@@ -74,7 +74,7 @@ def test_prompt_beyond_context_is_refused(engine):
 
     with pytest.raises(PromptTooLongError, match="context holds"):
         asyncio.run(submit())
-    assert engine.active == 0
+    assert engine.in_flight == 0
 
 
 def test_models_without_chat_template_use_eos_separated_turns(tiny_models):
