@@ -99,10 +99,6 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -120,11 +116,16 @@ class Choice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
+class CompletionHeader(BaseModel):
+    """What a completion and each of its chunks carry alike (the chunks of one stream share it)."""
+
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class ChatCompletion(CompletionHeader):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
 
@@ -145,11 +146,8 @@ class ChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(CompletionHeader):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
 

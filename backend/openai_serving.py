@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 from backend.engine import Generation
 from backend.openai_protocol import (
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Usage, completion_id,
+    CompletionHeader,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Usage,
 )
 
 
@@ -71,10 +72,10 @@ def _event(payload: str) -> str:
 async def sse_stream(text: CompletionText, model: str, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's streaming format: a role chunk, content chunks, a finish chunk,
     optionally a usage chunk, then [DONE]. A failure mid-stream is an error event."""
-    cid = completion_id()
+    header = CompletionHeader(model=model).model_dump()  # one id and timestamp for every chunk
 
     def chunk(delta: Delta, finish_reason=None) -> str:
-        return _event(ChatCompletionChunk(id=cid, model=model, choices=[
+        return _event(ChatCompletionChunk(**header, choices=[
             ChunkChoice(delta=delta, finish_reason=finish_reason)]).model_dump_json())
 
     yield chunk(Delta(role="assistant", content=""))
@@ -88,11 +89,11 @@ async def sse_stream(text: CompletionText, model: str, include_usage: bool) -> A
         return
     yield chunk(Delta(), text.finish_reason)
     if include_usage:
-        yield _event(ChatCompletionChunk(id=cid, model=model, choices=[], usage=text.usage()).model_dump_json())
+        yield _event(ChatCompletionChunk(**header, choices=[], usage=text.usage()).model_dump_json())
     yield _event("[DONE]")
 
 
 async def complete(text: CompletionText, model: str) -> ChatCompletion:
     content = "".join([piece async for piece in text])
-    return ChatCompletion(id=completion_id(), model=model, usage=text.usage(), choices=[
+    return ChatCompletion(model=model, usage=text.usage(), choices=[
         Choice(message=AssistantMessage(content=content), finish_reason=text.finish_reason)])

@@ -37,6 +37,7 @@ def test_streaming_matches_non_streaming_and_reports_usage(client):
         stream_options={"include_usage": True}))
 
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({(c.id, c.created) for c in chunks}) == 1  # one completion, one id
     content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content) > 1
     assert "".join(content) == whole.choices[0].message.content
