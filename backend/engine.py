@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.detokenizer import IncrementalDetokenizer
+from backend.errors import GenerationError
 from backend.model import LoadedModel, encode_chat
 from backend.protocol import ChatMessage, ResolvedSampling
 
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 
 class PromptTooLongError(ValueError):
     """The prompt leaves no room in the model's context for a reply."""
-
-
-class GenerationError(RuntimeError):
-    """The model failed while generating; the stream ends with this error."""
 
 
 class EngineBusyError(RuntimeError):

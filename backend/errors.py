@@ -19,12 +19,24 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           503: "service_unavailable"}
 
 
+# Seconds a refused client should wait; a reply of the default length takes about this long.
+RETRY_AFTER_S = "5"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers
+
+    def __reduce__(self):
+        # Crosses from a Textbot replica to the ingress by pickle; keep every field.
+        return APIError, (self.status, self.message, self.param, self.code, self.headers)
+
+
+class GenerationError(RuntimeError):
+    """The model failed while generating, or its replica was lost: the stream ends with this error."""
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

@@ -1,14 +1,25 @@
-"""Turning a Generation into OpenAI's chat-completion responses: stop strings,
+"""Turning a reply into OpenAI's chat-completion responses: stop strings,
 Server-Sent Event chunks, and the non-streaming completion."""
 
 import json
 from collections.abc import AsyncIterator
-
-from backend.engine import Generation
+from typing import Protocol
 from backend.openai_protocol import (
     CompletionHeader,
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Usage,
 )
+
+
+class Reply(Protocol):
+    """A reply being generated: iterate it once for text pieces; cancellable; counts its tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def cancel(self) -> None: ...
 
 
 class StopStrings:
@@ -39,28 +50,28 @@ class StopStrings:
 
 
 class CompletionText:
-    """A generation's text with stop strings applied; iterate once, then read finish_reason."""
+    """A reply's text with stop strings applied; iterate once, then read finish_reason."""
 
-    def __init__(self, generation: Generation, stops: list[str]):
-        self.generation = generation
+    def __init__(self, reply: Reply, stops: list[str]):
+        self.reply = reply
         self.stops = StopStrings(stops)
         self.finish_reason: str | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        async for piece in self.generation:
+        async for piece in self.reply:
             text, stopped = self.stops.push(piece)
             if text:
                 yield text
             if stopped:
-                self.generation.cancel()
+                self.reply.cancel()
                 self.finish_reason = "stop"
                 return
         if tail := self.stops.flush():
             yield tail
-        self.finish_reason = self.generation.finish_reason
+        self.finish_reason = self.reply.finish_reason
 
     def usage(self) -> Usage:
-        g = self.generation
+        g = self.reply
         return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
                      total_tokens=g.prompt_tokens + g.completion_tokens)
 

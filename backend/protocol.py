@@ -1,14 +1,18 @@
-"""What a caller hands the engine: chat messages and sampling parameters.
+"""What travels between Textbot's parts: chat messages and sampling parameters in,
+reply pieces out.
 
-These are the types behind the handle method `Textbot.stream_chat` and every
+These are the types behind the Textbot deployment's handle methods and every
 HTTP route, so validation happens once, here, with pydantic's messages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from backend.errors import APIError
 
 Role = Literal["system", "user", "assistant"]
 GREEDY_BELOW = 1e-5
@@ -46,3 +50,27 @@ class ResolvedSampling(BaseModel):
     def greedy(self) -> bool:
         # Below this, logits / temperature overflows to inf and sampling is greedy anyway.
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyPiece:
+    """One step of a reply streamed from a Textbot replica to the HTTP ingress.
+
+    The token counts are running totals, so a reader that stops early (a stop
+    string) still knows the usage; the last piece has a `finish_reason`.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+def check_text(text: str, param: str, max_chars: int) -> str:
+    """A message must say something and stay under the deployment's size limit."""
+    if not text.strip():
+        raise APIError(400, f"'{param}' is empty: send the text to reply to.", param=param)
+    if len(text) > max_chars:
+        raise APIError(413, f"'{param}' is {len(text)} characters; the limit is {max_chars}.",
+                       param=param, code="prompt_too_long")
+    return text

@@ -54,7 +54,8 @@ def tiny_app(name: str, source: Path, generation: dict | None = None, env: dict 
                  "generation": {"max_new_tokens": 24, "temperature": 0.0, **(generation or {})},
                  "engine": engine},
         "deployments": [{"name": "Textbot", "max_ongoing_requests": 8,
-                         "ray_actor_options": {"num_cpus": 0}}],
+                         "ray_actor_options": {"num_cpus": 0}},
+                        {"name": "TextbotAPI", "ray_actor_options": {"num_cpus": 0}}],
     }
     return app | ({"runtime_env": {"env_vars": env}} if env else {})
 

@@ -1,0 +1,233 @@
+"""TextbotAPI: the HTTP ingress under /api. It validates requests, streams each
+reply from a Textbot replica through a DeploymentHandle, and speaks the
+protocols: the tutorial's text stream and WebSocket chat, and OpenAI's chat
+completions.
+
+It loads no model (no torch import), so it starts in seconds and outlives the
+model replicas: when one dies mid-reply, the client still gets an error in its
+own protocol.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures of
+# this class through serve.ingress and cannot resolve string annotations there.
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from backend.auth import BearerKeyMiddleware
+from backend.errors import RETRY_AFTER_S, APIError, GenerationError, install_error_handlers
+from backend.limits import install_body_limit
+from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from backend.openai_serving import CompletionText, complete, sse_stream
+from backend.protocol import ChatMessage, SamplingParams, check_text
+from backend.settings import TextbotSettings
+
+api = FastAPI(
+    title="Textbot",
+    description="A streaming chatbot backend on Ray Serve.",
+    root_path_in_servers=False,
+)
+install_error_handlers(api)
+install_body_limit(api)
+api.add_middleware(BearerKeyMiddleware)  # added last, runs first: no key, no body read
+
+# Tell reverse proxies (nginx and friends) to pass each piece through at once.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# How many of the oldest messages `truncation: "auto"` dropped to fit the context.
+DROPPED_HEADER = "X-Textbot-Dropped-Messages"
+
+# The Ray Serve tutorial's WebSocket protocol: this frame ends each reply.
+END_OF_REPLY = "<<Response Finished>>"
+
+# /health waits this long for a model replica to answer.
+HEALTH_TIMEOUT_S = 5.0
+
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def served_error(error: Exception, mid_reply: bool) -> Exception:
+    """What a failed call to a Textbot replica means to the client.
+
+    Ray wraps a replica's exception (`.cause` is the original); Serve's own
+    errors say the replica is full or gone.
+    """
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, (APIError, GenerationError)):
+        return cause
+    if isinstance(cause, BackPressureError):
+        return APIError(503, "Every model replica is at capacity. Try again in a few seconds.",
+                        code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(cause, _REPLICA_LOST):
+        if mid_reply:
+            return GenerationError(f"The model replica stopped mid-reply ({type(cause).__name__}); "
+                                   "send the request again.")
+        return APIError(503, "No model replica could take the request; one is restarting. "
+                        "Try again in a few seconds.", code="unavailable", headers={"Retry-After": RETRY_AFTER_S})
+    return error
+
+
+class RemoteReply:
+    """A reply streaming from a Textbot replica: iterate once for its text; then
+    `finish_reason` and the token counts are those the replica reported."""
+
+    def __init__(self, handle: DeploymentHandle, messages: list[ChatMessage], sampling: SamplingParams,
+                 strict: bool = False):
+        self._response = handle.options(stream=True).stream_reply.remote(messages, sampling, strict)
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._started = False
+
+    def cancel(self) -> None:
+        if self.finish_reason is None:
+            self._response.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            async for piece in self._response:
+                self._started = True
+                self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
+                self.finish_reason = piece.finish_reason
+                if piece.text:
+                    yield piece.text
+        except Exception as error:
+            raise served_error(error, self._started) from None
+        finally:
+            # The client went away (or a stop string ended the reply): free the replica's slot now.
+            self.cancel()
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    # A close frame's reason is limited to 123 bytes of UTF-8.
+    await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    if first:
+        yield first
+    async for piece in rest:
+        yield piece
+
+
+# Module-level helpers the class uses stay above it: Serve ships the ingress class
+# to replicas by value, and a helper defined below it was missing there (NameError).
+# Light work per request, and each open stream or WebSocket holds one of these
+# places: far more than Serve's default of 5.
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class TextbotAPI:
+    def __init__(self, settings: TextbotSettings, textbot: DeploymentHandle):
+        self.settings = settings
+        self.textbot = textbot
+        self.model_name = settings.model.served_name
+        self.started = int(time.time())
+
+    @api.post("/", response_class=StreamingResponse, summary="Stream a reply to one prompt")
+    async def generate(
+        self,
+        prompt: Annotated[str, Query(description="The user's message.")],
+        max_new_tokens: Annotated[int | None, Query(ge=1, le=8192)] = None,
+        temperature: Annotated[float | None, Query(ge=0.0, le=2.0)] = None,
+        top_p: Annotated[float | None, Query(gt=0.0, le=1.0)] = None,
+        seed: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+    ) -> StreamingResponse:
+        """The Ray Serve tutorial's endpoint: the reply as text/plain, piece by piece."""
+        messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed)
+        pieces = aiter(RemoteReply(self.textbot, messages, sampling))
+        # Wait for the first piece before sending the status line: a generation that
+        # fails at once is then a 500 with a message, not a 200 cut short.
+        first = await anext(pieces, "")
+        return StreamingResponse(
+            _chain(first, pieces), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
+        )
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletion,
+              summary="OpenAI-compatible chat completions, streaming (SSE) or not")
+    async def chat_completions(self, request: ChatCompletionRequest):
+        if request.model not in (None, self.model_name):
+            raise APIError(404, f"The model {request.model!r} does not exist; this server serves "
+                           f"{self.model_name!r}.", param="model", code="model_not_found")
+        messages = [m.to_chat() for m in request.messages]
+        for message in messages:
+            self._check_text(message.content, "messages")
+        dropped = 0
+        if request.truncation == "auto":
+            messages, dropped = await self._fit(messages, request.token_limit)
+        sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
+                                  top_p=request.top_p, seed=request.seed)
+        text = CompletionText(RemoteReply(self.textbot, messages, sampling, strict=True), request.stop_strings)
+        headers = {DROPPED_HEADER: str(dropped)}
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return StreamingResponse(sse_stream(text, self.model_name, include_usage),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS | headers)
+        return JSONResponse((await complete(text, self.model_name)).model_dump(), headers=headers)
+
+    @api.get("/v1/models", response_model=ModelList, summary="The served model")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.started)])
+
+    @api.websocket("/")
+    async def chat_socket(self, ws: WebSocket) -> None:
+        """The tutorial's WebSocket chat: each text frame is a user message; the reply
+        streams back as text frames, then END_OF_REPLY. The connection keeps the
+        conversation, trimmed from its oldest turns to fit the model's context."""
+        await ws.accept()
+        conversation: list[ChatMessage] = []
+        while True:
+            try:
+                frame = await ws.receive()
+            except WebSocketDisconnect:
+                return
+            if frame["type"] == "websocket.disconnect":
+                return
+            text = frame.get("text")
+            if text is None:
+                return await _close(ws, 1003, "Send text frames: binary frames are not supported.")
+            try:
+                self._check_text(text, "message")
+            except APIError as error:
+                return await _close(ws, 1009 if error.status == 413 else 1007, error.message)
+            reply = ""
+            try:
+                conversation, _ = await self._fit([*conversation, ChatMessage(role="user", content=text)])
+                async for piece in RemoteReply(self.textbot, conversation, SamplingParams()):
+                    reply += piece
+                    await ws.send_text(piece)
+            except APIError as error:  # 1013: "try again later"
+                return await _close(ws, 1013 if error.status == 503 else 1008, error.message)
+            except GenerationError as error:
+                return await _close(ws, 1011, str(error))
+            conversation.append(ChatMessage(role="assistant", content=reply))
+            await ws.send_text(END_OF_REPLY)
+
+    @api.get("/health", summary="Ready when a model replica answers")
+    async def health(self) -> dict:
+        try:
+            await asyncio.wait_for(self.textbot.stats.remote(), HEALTH_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure means not ready
+            raise APIError(503, f"No model replica answered within {HEALTH_TIMEOUT_S:.0f} s "
+                           f"({type(error).__name__}); it may still be loading.",
+                           code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
+        return {"status": "ok", "model": self.model_name}
+
+    async def _fit(self, messages: list[ChatMessage], max_new_tokens: int | None = None
+                   ) -> tuple[list[ChatMessage], int]:
+        try:
+            fitted = await self.textbot.fit_conversation.remote(messages, max_new_tokens)
+        except Exception as error:
+            raise served_error(error, mid_reply=False) from None
+        return [ChatMessage(**m) for m in fitted["messages"]], fitted["dropped"]
+
+    def _check_text(self, text: str, param: str) -> str:
+        return check_text(text, param, self.settings.max_prompt_chars)
