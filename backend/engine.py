@@ -1,26 +1,31 @@
 """The generation engine: a request in, an async stream of text pieces out, cancellable.
 
 Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
-`async for piece in generation` and `generation.cancel()`. Today each request
-decodes on a thread of a small pool (`max_running` at once, `max_waiting` more
-queued, the rest refused with EngineBusyError); the loop is small enough to
-read in one go:
-`prefill`/`decode_step` run the model, `sample` picks a token, `_generate`
-strings them together and hands text to the event loop.
+`async for piece in generation` and `generation.cancel()`.
+
+Inside, one decode loop per engine runs continuous (iteration-level) batching:
+at every step it admits waiting requests (each prefilled on its own, then merged
+into the batch), runs one forward pass that decodes a token for every running
+request, and retires finished and cancelled requests at once, so nobody waits
+for a partner or for the longest reply. The loop reads top to bottom in
+`_run` -> `_admit` / `Batch.step` -> `_advance`; `prefill`, `decode_step` and
+`sample` are the model calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
 from backend.detokenizer import IncrementalDetokenizer
 from backend.errors import GenerationError
@@ -40,7 +45,7 @@ class EngineBusyError(RuntimeError):
 
 @dataclass
 class _Finished:
-    reason: str  # "stop" (end of sequence), "length" (token budget, context or time cap), "cancelled"
+    reason: str  # "stop" (end of sequence), "length" (token budget, context or time cap), "cancelled", "error"
     error: BaseException | None = None
 
 
@@ -57,7 +62,7 @@ class Generation:
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:
-        """Ask the decode loop to stop; it does so before its next step."""
+        """Ask the decode loop to drop this request; it does so at its next step."""
         self._cancelled.set()
 
     @property
@@ -80,25 +85,117 @@ class Generation:
             self.cancel()
 
 
+@dataclass
+class _Request:
+    """A submitted generation and what the loop needs to run it."""
+
+    generation: Generation
+    prompt_ids: list[int]
+    budget: int  # new tokens allowed: the request's limit, cut to the room left in the context
+    loop: asyncio.AbstractEventLoop
+    rng: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    deadline: float = float("inf")
+    running: bool = False  # admitted to the batch
+    length: int = 0  # tokens of this request in the KV cache
+    next_token: int = 0  # sampled and streamed, fed to the model at the next step
+
+    def hand_over(self, item) -> None:
+        # Wakes the consumer without polling; its event loop may be gone at shutdown.
+        try:
+            self.loop.call_soon_threadsafe(self.generation._queue.put_nowait, item)
+        except RuntimeError:
+            self.generation.cancel()
+
+
+class Batch:
+    """The running requests and their KV cache, left-padded to one length so one
+    forward pass decodes a token for each. `mask` marks each row's real tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.requests: list[_Request] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token, 0 = padding
+
+    def add(self, request: _Request) -> torch.Tensor:
+        """Prefill a new request on its own and merge its cache in; returns its next-token logits."""
+        logits, cache = prefill(self.model, request.prompt_ids)
+        request.length = len(request.prompt_ids)
+        mask = torch.ones(1, request.length, dtype=torch.long)
+        if not self.requests:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], request.length)
+            self.cache = _concat_rows(_pad_left(self.cache, width), _pad_left(cache, width))
+            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
+        self.requests.append(request)
+        return logits
+
+    def step(self) -> torch.Tensor:
+        """Feed every request its last token; returns the next-token logits, one row each."""
+        tokens = torch.tensor([[r.next_token] for r in self.requests])
+        positions = torch.tensor([[r.length] for r in self.requests])
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        logits, self.cache = decode_step(self.model, tokens, positions, self.mask, self.cache)
+        for request in self.requests:
+            request.length += 1
+        return logits
+
+    def keep(self, kept: list[_Request]) -> None:
+        """Retire every request not in `kept`, and the padding no remaining row needs."""
+        if len(kept) == len(self.requests):
+            return
+        if not kept:
+            self.requests, self.cache, self.mask = [], None, None
+            return
+        rows = torch.tensor([self.requests.index(r) for r in kept])
+        mask = self.mask[rows]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns before it are padding in every row
+        self.mask = mask[:, start:]
+        self.cache = _map_cache(self.cache, lambda t: t[rows, :, start:])
+        self.requests = kept
+
+
+def _map_cache(cache: DynamicCache, fn) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v, *_ in cache])
+
+
+def _pad_left(cache: DynamicCache, width: int) -> DynamicCache:
+    return _map_cache(cache, lambda t: F.pad(t, (0, 0, width - t.shape[-2], 0)))
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(mask, (width - mask.shape[1], 0))
+
+
+def _concat_rows(a: DynamicCache, b: DynamicCache) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=[(torch.cat([ka, kb]), torch.cat([va, vb]))
+                                        for (ka, va, *_), (kb, vb, *_) in zip(a, b)])
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, torch_threads: int | None = None, max_running: int = 2,
+    def __init__(self, loaded: LoadedModel, torch_threads: int | None = None, max_running: int = 8,
                  max_waiting: int = 16, max_seconds: float | None = None):
         self.loaded = loaded
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.max_running, self.max_waiting, self.max_seconds = max_running, max_waiting, max_seconds
-        # The pool's own queue holds the waiting generations.
-        self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="generation")
         self._ids = itertools.count(1)
-        self._pending: dict[int, Generation] = {}  # queued or running
-        self._running = 0
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._pending = 0  # waiting or running
+        self._running = 0
+        self._stopped = False
+        self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._loop.start()
 
     @property
     def in_flight(self) -> int:
-        """Generations not yet finished: running, or waiting for a slot."""
+        """Generations not yet finished: running, or waiting for a place in the batch."""
         with self._lock:
-            return len(self._pending)
+            return self._pending
 
     @property
     def running(self) -> int:
@@ -110,11 +207,10 @@ class Engine:
         return self.loaded.context_length
 
     def shutdown(self) -> None:
-        """Cancel everything in flight, so a stopping replica does not wait on it."""
-        with self._lock:
-            for generation in self._pending.values():
-                generation.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=False)
+        """Stop the loop; everything in flight ends as cancelled."""
+        with self._work:
+            self._stopped = True
+            self._work.notify()
 
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(encode_chat(self.loaded.tokenizer, messages))
@@ -134,69 +230,98 @@ class Engine:
                 "Shorten the conversation or ask for fewer tokens."
             )
         generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
-        with self._lock:
-            if len(self._pending) >= self.max_running + self.max_waiting:
+        request = _Request(generation, prompt_ids, min(sampling.max_new_tokens, room), asyncio.get_running_loop())
+        with self._work:
+            if self._pending >= self.max_running + self.max_waiting:
                 raise EngineBusyError(
                     f"All {self.max_running} generation slots and {self.max_waiting} waiting places are "
                     "taken. Try again in a few seconds."
                 )
-            self._pending[generation.id] = generation
-        budget = min(sampling.max_new_tokens, room)
-        self._pool.submit(self._generate, generation, prompt_ids, budget, asyncio.get_running_loop())
+            self._pending += 1
+            self._waiting.append(request)
+            self._work.notify()
         return generation
 
-    def _generate(self, generation: Generation, prompt_ids: list[int], budget: int, loop) -> None:
-        def hand_over(item) -> None:
-            # Wakes the consumer without polling; the loop may be gone at shutdown.
-            try:
-                loop.call_soon_threadsafe(generation._queue.put_nowait, item)
-            except RuntimeError:
-                generation.cancel()
-
-        detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
-        finished = _Finished("length")
-        with self._lock:
-            self._running += 1
-        try:
-            for token_id in self._tokens(prompt_ids, generation.sampling, budget, generation._cancelled):
-                if token_id in self.loaded.eos_token_ids:
-                    finished = _Finished("stop")
-                    break
-                generation.completion_tokens += 1
-                if piece := detokenizer.push(token_id):
-                    hand_over(piece)
-            if generation.cancelled:
-                finished = _Finished("cancelled")
-            elif tail := detokenizer.flush():
-                hand_over(tail)
-        except Exception as exc:  # reaches the consumer as the stream's error
-            log.exception("Generation %d failed", generation.id)
-            failure = GenerationError(f"The model failed while generating ({type(exc).__name__}: {exc}).")
-            finished = _Finished("error", failure)
-        finally:
-            with self._lock:
-                self._running -= 1
-                self._pending.pop(generation.id, None)
-            hand_over(finished)
+    # ---- The decode loop (its own thread) -------------------------------------
 
     @torch.inference_mode()
-    def _tokens(
-        self, prompt_ids: list[int], sampling: ResolvedSampling, budget: int, stop: threading.Event
-    ) -> Iterator[int]:
-        if stop.is_set():  # cancelled while it waited for a slot
-            return
-        model = self.loaded.model
-        rng = torch.Generator()
-        rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        deadline = time.monotonic() + self.max_seconds if self.max_seconds else float("inf")
-        logits, cache = prefill(model, prompt_ids)
-        for step in range(budget):
-            if stop.is_set() or time.monotonic() > deadline:
-                return
-            token_id = sample(logits, sampling, rng)
-            yield token_id
-            if step + 1 < budget:
-                logits, cache = decode_step(model, token_id, cache)
+    def _run(self) -> None:
+        batch = Batch(self.loaded.model)
+        while True:
+            with self._work:
+                while not (self._waiting or batch.requests or self._stopped):
+                    self._work.wait()
+                if self._stopped:
+                    break
+                room = self.max_running - len(batch.requests)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._running += len(admitted)
+                for request in admitted:
+                    request.running = True
+            try:
+                for request in admitted:
+                    self._admit(batch, request)
+                if batch.requests:
+                    logits = batch.step()
+                    batch.keep([r for r, row in zip(batch.requests, logits) if self._advance(r, row)])
+            except Exception as exc:  # a failed forward pass fails the whole batch, not the loop
+                log.exception("Decode step failed")
+                for request in batch.requests:
+                    self._finish(request, _Finished("error", _failure(exc)))
+                batch = Batch(self.loaded.model)
+        for request in [*batch.requests, *self._waiting]:
+            self._finish(request, _Finished("cancelled"))
+
+    def _admit(self, batch: Batch, request: _Request) -> None:
+        sampling = request.generation.sampling
+        if request.generation.cancelled:  # the client left while it waited
+            return self._finish(request, _Finished("cancelled"))
+        request.rng = torch.Generator()
+        request.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        request.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
+        request.deadline = time.monotonic() + self.max_seconds if self.max_seconds else float("inf")
+        try:
+            logits = batch.add(request)
+        except Exception as exc:
+            log.exception("Prefill of generation %d failed", request.generation.id)
+            return self._finish(request, _Finished("error", _failure(exc)))
+        if not self._advance(request, logits):
+            batch.keep([r for r in batch.requests if r is not request])
+
+    def _advance(self, request: _Request, logits: torch.Tensor) -> bool:
+        """Sample and stream the request's next token. Returns whether it goes on decoding."""
+        generation = request.generation
+        if generation.cancelled:
+            return self._finish(request, _Finished("cancelled"))
+        if time.monotonic() > request.deadline:
+            return self._finish(request, _Finished("length"))
+        try:
+            token_id = sample(logits, generation.sampling, request.rng)
+        except Exception as exc:
+            log.exception("Sampling for generation %d failed", generation.id)
+            return self._finish(request, _Finished("error", _failure(exc)))
+        if token_id in self.loaded.eos_token_ids:
+            return self._finish(request, _Finished("stop"))
+        generation.completion_tokens += 1
+        if piece := request.detokenizer.push(token_id):
+            request.hand_over(piece)
+        if generation.completion_tokens >= request.budget:
+            return self._finish(request, _Finished("length"))
+        request.next_token = token_id
+        return True
+
+    def _finish(self, request: _Request, finished: _Finished) -> bool:
+        if finished.reason in ("stop", "length") and request.detokenizer and (tail := request.detokenizer.flush()):
+            request.hand_over(tail)
+        with self._lock:
+            self._pending -= 1
+            self._running -= request.running
+        request.hand_over(finished)
+        return False
+
+
+def _failure(exc: Exception) -> GenerationError:
+    return GenerationError(f"The model failed while generating ({type(exc).__name__}: {exc}).")
 
 
 def prefill(model, prompt_ids: list[int]):
@@ -204,9 +329,10 @@ def prefill(model, prompt_ids: list[int]):
     return out.logits[0, -1], out.past_key_values
 
 
-def decode_step(model, token_id: int, cache):
-    out = model(input_ids=torch.tensor([[token_id]]), past_key_values=cache, use_cache=True)
-    return out.logits[0, -1], out.past_key_values
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache):
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask,
+                past_key_values=cache, use_cache=True)
+    return out.logits[:, -1], out.past_key_values
 
 
 def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from backend.protocol import ChatMessage
@@ -86,10 +91,17 @@ class LoadedModel:
 def load(settings: ModelSettings) -> LoadedModel:
     location = locate(settings)
     started = time.monotonic()
-    log.info("Loading model %s from %s", settings.served_name, location)
+    cache = _converted_cache(settings, location)
+    if cache and (cache / _COMPLETE).is_file():
+        log.info("Loading model %s from its converted copy in %s", settings.served_name, cache)
+        location = ModelLocation(str(cache))
+    else:
+        log.info("Loading model %s from %s%s", settings.served_name, location,
+                 " (de-quantising a GGUF file takes a while; later starts use a cache)" if cache else "")
     kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+        log.info("Tokenizer ready after %.1f s; loading weights", time.monotonic() - started)
         model = AutoModelForCausalLM.from_pretrained(
             location.path, dtype=getattr(torch, settings.dtype), **kwargs
         )
@@ -97,6 +109,8 @@ def load(settings: ModelSettings) -> LoadedModel:
         raise ModelLoadError(f"Could not load model {settings.source!r}: {exc}") from exc
     model.eval()
     log.info("Loaded %s in %.1f s", settings.served_name, time.monotonic() - started)
+    if cache and location.gguf_file:
+        _save_converted(model, tokenizer, cache)
     return LoadedModel(
         name=settings.served_name,
         model=model,
@@ -104,6 +118,41 @@ def load(settings: ModelSettings) -> LoadedModel:
         context_length=_context_length(model.config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
     )
+
+
+_COMPLETE = "textbot-cache-complete"
+
+
+def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
+    """The folder for a GGUF model's converted weights, named after what would change them."""
+    if not (settings.cache_dir and location.gguf_file):
+        return None
+    gguf = Path(location.path, location.gguf_file).resolve()
+    stat = gguf.stat()
+    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{settings.dtype}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.dtype}-{digest}"
+
+
+def _save_converted(model, tokenizer, cache: Path) -> None:
+    """Write the converted model next to its final place, then move it there in one step,
+    so a replica that starts meanwhile never reads half a cache."""
+    started = time.monotonic()
+    staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(staging)
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        # save_pretrained refuses a GGUF-loaded model; safetensors' save_model handles tied weights.
+        safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+        (staging / _COMPLETE).touch()
+        staging.rename(cache)
+        log.info("Saved the converted model to %s in %.1f s; later starts load it from there",
+                 cache, time.monotonic() - started)
+    except OSError as exc:  # another replica got there first, or the disk is read-only: serve anyway
+        log.warning("Could not cache the converted model in %s (%s)", cache, exc)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _context_length(config) -> int:

@@ -36,6 +36,11 @@ class ModelSettings(_Strict):
         None, description="Name the API reports for the model; derived from source when unset."
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
+    cache_dir: str | None = Field(
+        "~/.cache/textbot",
+        description=("Where a GGUF model's converted weights are kept (safetensors), so that only the "
+                     "first start pays for de-quantising it; null turns the cache off."),
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per replica; defaults to the replica's CPUs."
     )
@@ -62,7 +67,9 @@ class GenerationDefaults(_Strict):
 class EngineSettings(_Strict):
     """How much a replica generates at once; beyond it, requests are refused (503)."""
 
-    max_running: int = Field(2, ge=1, description="Generations decoding at once per replica.")
+    max_running: int = Field(
+        8, ge=1, description="Generations decoding together, as one batch, per replica."
+    )
     max_waiting: int = Field(16, ge=0, description="Generations queued for a slot; more are refused.")
     max_seconds: float | None = Field(
         120.0, gt=0, description="Wall-clock cap on one generation; the reply ends with finish reason 'length'."

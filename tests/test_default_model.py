@@ -34,3 +34,28 @@ def test_default_model_replies_in_non_ascii_text(base_url):
 def test_health_reports_the_default_model(base_url):
     assert requests.get(f"{base_url}/api/health", timeout=30).json() == {
         "status": "ok", "model": "SmolLM2-135M-Instruct"}
+
+
+def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_path):
+    """Later starts skip de-quantising the GGUF file: they load the converted copy,
+    which must be the same model (same weights, same tokenizer, same context)."""
+    import torch
+
+    from backend import model
+    from backend.settings import ModelSettings
+    from tests.conftest import app_config, load_deploy_config
+
+    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    settings = settings.model_copy(update={"cache_dir": str(tmp_path)})
+    from_gguf = model.load(settings)  # first start: converts and saves
+    cache = model._converted_cache(settings, model.locate(settings))
+    assert (cache / "model.safetensors").is_file()
+    from_cache = model.load(settings)  # later starts: the converted copy
+
+    gguf_weights, cached_weights = from_gguf.model.state_dict(), from_cache.model.state_dict()
+    assert gguf_weights.keys() == cached_weights.keys()
+    assert all(torch.equal(gguf_weights[name], cached_weights[name]) for name in gguf_weights)
+    prompt = "Écris « bonjour » 🙂"
+    assert from_cache.tokenizer.encode(prompt) == from_gguf.tokenizer.encode(prompt)
+    assert from_cache.tokenizer.chat_template == from_gguf.tokenizer.chat_template
+    assert (from_cache.context_length, from_cache.eos_token_ids) == (from_gguf.context_length, from_gguf.eos_token_ids)

@@ -101,3 +101,47 @@ def test_tiny_top_p_keeps_the_likeliest_token(engine, top_p):
     generation, pieces = asyncio.run(reply(engine, sampling=sampling))
     assert generation.finish_reason == "length"
     assert pieces == asyncio.run(reply(engine))[1]  # only the likeliest token survives: greedy
+
+
+PROMPTS = ["Hello there!", "Once upon a time a small robot", "Crème brûlée, naïve café " * 4, "Hi",
+           "Emoji too: 🙂 🚀 and symbols like € £ ¥, in a longer prompt " * 3]
+
+
+def test_greedy_reply_is_the_same_alone_and_in_a_batch(engine):
+    """Continuous batching pads prompts of different lengths into one batch and admits
+    requests while others decode; none of that may change a greedy reply."""
+
+    async def both():
+        alone = [await one(prompt) for prompt in PROMPTS]
+        # Staggered, so later requests join a batch that is already decoding.
+        together = await asyncio.gather(*(one(prompt, delay=0.02 * i) for i, prompt in enumerate(PROMPTS)))
+        return alone, together
+
+    async def one(prompt, delay=0.0):
+        await asyncio.sleep(delay)
+        generation, pieces = await reply(engine, [ChatMessage(role="user", content=prompt)])
+        return "".join(pieces), generation.completion_tokens
+
+    alone, together = asyncio.run(both())
+    assert together == alone
+    assert all(tokens > 0 for _, tokens in alone)
+    assert engine.in_flight == 0 and engine.running == 0
+
+
+def test_batch_admits_and_retires_requests_between_steps(engine):
+    """A short request that joins a long one finishes first, while the long one decodes on."""
+
+    async def race():
+        long = engine.submit(HELLO, ResolvedSampling(max_new_tokens=200, temperature=0.0, top_p=1.0))
+        stream = aiter(long)
+        await anext(stream)  # the long reply is decoding
+        short, _ = await reply(engine, sampling=ResolvedSampling(max_new_tokens=5, temperature=0.0, top_p=1.0))
+        running_after_short = engine.running
+        rest = [piece async for piece in stream]
+        return long, short, running_after_short, rest
+
+    long, short, running_after_short, rest = asyncio.run(race())
+    assert short.completion_tokens == 5 and short.finish_reason == "length"
+    assert running_after_short == 1  # the short one retired at once; the long one still running
+    assert long.completion_tokens == 200 and rest
+    assert engine.in_flight == 0
