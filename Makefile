@@ -11,13 +11,17 @@ export PYTHONPATH := $(CURDIR)
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test clean
+.PHONY: run test bench clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/serve run deploy.yaml
 
 test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest
+
+# Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one.
+bench: $(VENV)/.test-installed
+	$(PY) -m bench
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
