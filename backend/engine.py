@@ -325,7 +325,8 @@ def _failure(exc: Exception) -> GenerationError:
 
 
 def prefill(model, prompt_ids: list[int]):
-    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    # logits_to_keep: only the last position's logits are needed, not the whole prompt's.
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1], out.past_key_values
 
 

@@ -111,6 +111,8 @@ def load(settings: ModelSettings) -> LoadedModel:
     log.info("Loaded %s in %.1f s", settings.served_name, time.monotonic() - started)
     if cache and location.gguf_file:
         _save_converted(model, tokenizer, cache)
+    if isinstance(head := model.get_output_embeddings(), torch.nn.Linear):
+        model.set_output_embeddings(VocabProjection(head))
     return LoadedModel(
         name=settings.served_name,
         model=model,
@@ -118,6 +120,27 @@ def load(settings: ModelSettings) -> LoadedModel:
         context_length=_context_length(model.config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
     )
+
+
+class VocabProjection(torch.nn.Module):
+    """The output layer (hidden state -> logits over the vocabulary), computed as W·xᵀ.
+
+    Same weights, same logits up to float rounding. For the few rows a decode
+    step has, torch's CPU matmul x·Wᵀ against a 49k-row vocabulary matrix took
+    20 ms here, the transposed product 6-9 ms: the output layer is the largest
+    matrix of a small model, so a batched step gets that much faster.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        logits = (self.weight @ rows.T).T
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.reshape(*hidden.shape[:-1], -1)
 
 
 _COMPLETE = "textbot-cache-complete"
