@@ -13,8 +13,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test bench clean
 
+# Ray's Prometheus exporter listens on :8080 only if Ray starts with that port, which
+# `serve run` alone cannot ask for: start Ray, serve onto it, stop Ray when serving
+# ends (the trap keeps this shell alive through Ctrl-C so that `ray stop` runs).
 run: $(VENV)/.installed
-	$(VENV)/bin/serve run deploy.yaml
+	$(VENV)/bin/ray start --head --metrics-export-port=8080 --disable-usage-stats
+	trap true INT TERM; $(VENV)/bin/serve run --address auto deploy.yaml; $(VENV)/bin/ray stop
 
 test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest

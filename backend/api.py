@@ -79,9 +79,9 @@ class RemoteReply:
     """A reply streaming from a Textbot replica: iterate once for its text; then
     `finish_reason` and the token counts are those the replica reported."""
 
-    def __init__(self, handle: DeploymentHandle, messages: list[ChatMessage], sampling: SamplingParams,
-                 strict: bool = False):
-        self._response = handle.options(stream=True).stream_reply.remote(messages, sampling, strict)
+    def __init__(self, handle: DeploymentHandle, route: str, messages: list[ChatMessage],
+                 sampling: SamplingParams, strict: bool = False):
+        self._response = handle.options(stream=True).stream_reply.remote(messages, sampling, strict, route)
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._started = False
@@ -143,7 +143,7 @@ class TextbotAPI:
         messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed)
-        pieces = aiter(RemoteReply(self.textbot, messages, sampling))
+        pieces = aiter(RemoteReply(self.textbot, "POST /", messages, sampling))
         # Wait for the first piece before sending the status line: a generation that
         # fails at once is then a 500 with a message, not a 200 cut short.
         first = await anext(pieces, "")
@@ -165,7 +165,8 @@ class TextbotAPI:
             messages, dropped = await self._fit(messages, request.token_limit)
         sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
                                   top_p=request.top_p, seed=request.seed)
-        text = CompletionText(RemoteReply(self.textbot, messages, sampling, strict=True), request.stop_strings)
+        reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True)
+        text = CompletionText(reply, request.stop_strings)
         headers = {DROPPED_HEADER: str(dropped)}
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -201,7 +202,7 @@ class TextbotAPI:
             reply = ""
             try:
                 conversation, _ = await self._fit([*conversation, ChatMessage(role="user", content=text)])
-                async for piece in RemoteReply(self.textbot, conversation, SamplingParams()):
+                async for piece in RemoteReply(self.textbot, "WebSocket /", conversation, SamplingParams()):
                     reply += piece
                     await ws.send_text(piece)
             except APIError as error:  # 1013: "try again later"
@@ -214,10 +215,11 @@ class TextbotAPI:
     @api.get("/health", summary="Ready when a model replica answers")
     async def health(self) -> dict:
         try:
-            await asyncio.wait_for(self.textbot.stats.remote(), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self.textbot.ready.remote(), HEALTH_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - any failure means not ready
-            raise APIError(503, f"No model replica answered within {HEALTH_TIMEOUT_S:.0f} s "
-                           f"({type(error).__name__}); it may still be loading.",
+            cause = getattr(error, "cause", None) or error
+            raise APIError(503, f"No model replica is ready ({type(cause).__name__}: {cause}); "
+                           "one may be loading or restarting.",
                            code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
         return {"status": "ok", "model": self.model_name}
 

@@ -58,6 +58,7 @@ class Generation:
     sampling: ResolvedSampling
     completion_tokens: int = 0
     finish_reason: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -188,6 +189,7 @@ class Engine:
         self._pending = 0  # waiting or running
         self._running = 0
         self._stopped = False
+        self._last_step = time.monotonic()  # when the loop last finished a step or went idle
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._loop.start()
 
@@ -205,6 +207,17 @@ class Engine:
     @property
     def context_length(self) -> int:
         return self.loaded.context_length
+
+    def problem(self, max_stall_s: float = 60.0) -> str | None:
+        """Why the engine cannot serve, or None: its decode loop died, or has work but
+        finished no step for `max_stall_s` (wedged). For Serve's health check."""
+        if not self._loop.is_alive():
+            return "The decode loop is not running."
+        with self._lock:
+            stalled = time.monotonic() - self._last_step if self._pending else 0.0
+        if stalled > max_stall_s:
+            return f"The decode loop has finished no step for {stalled:.0f} s with requests in flight."
+        return None
 
     def shutdown(self) -> None:
         """Stop the loop; everything in flight ends as cancelled."""
@@ -251,6 +264,7 @@ class Engine:
             with self._work:
                 while not (self._waiting or batch.requests or self._stopped):
                     self._work.wait()
+                    self._last_step = time.monotonic()
                 if self._stopped:
                     break
                 room = self.max_running - len(batch.requests)
@@ -269,6 +283,8 @@ class Engine:
                 for request in batch.requests:
                     self._finish(request, _Finished("error", _failure(exc)))
                 batch = Batch(self.loaded.model)
+            with self._lock:
+                self._last_step = time.monotonic()
         for request in [*batch.requests, *self._waiting]:
             self._finish(request, _Finished("cancelled"))
 

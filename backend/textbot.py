@@ -18,6 +18,7 @@ from backend import model
 from backend.conversation import fit_to_context
 from backend.engine import Engine, EngineBusyError, Generation, PromptTooLongError
 from backend.errors import RETRY_AFTER_S, APIError
+from backend.metrics import ReplyMetrics
 from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, check_text
 from backend.settings import TextbotSettings
 
@@ -32,20 +33,22 @@ class Textbot:
         limits = settings.engine
         self.engine = Engine(loaded, settings.model.torch_threads, max_running=limits.max_running,
                              max_waiting=limits.max_waiting, max_seconds=limits.max_seconds)
+        self.metrics = ReplyMetrics()
 
     def __del__(self):
         if engine := getattr(self, "engine", None):  # absent if the model failed to load
             engine.shutdown()
 
     async def stream_reply(self, messages: list[ChatMessage], sampling: SamplingParams,
-                           strict: bool = False) -> AsyncIterator[ReplyPiece]:
-        """The reply with its token counts, for the HTTP ingress (already validated there).
+                           strict: bool = False, route: str = "handle") -> AsyncIterator[ReplyPiece]:
+        """The reply with its token counts, for the HTTP ingress (already validated there);
+        `route` names the caller's route in the request log.
 
         Raises APIError before the first piece if the request cannot be served;
         a failure while generating raises GenerationError from the stream.
         """
         generation = self._start(messages, sampling, strict)
-        async for text in generation:
+        async for text in self._observed(generation, route):
             yield ReplyPiece(text, generation.prompt_tokens, generation.completion_tokens)
         yield ReplyPiece("", generation.prompt_tokens, generation.completion_tokens, generation.finish_reason)
 
@@ -62,10 +65,15 @@ class Textbot:
             conversation = _messages.validate_python(messages)
             params = SamplingParams.model_validate(sampling or {})
         except ValidationError as exc:
+            self.metrics.refused.inc(tags={"kind": "invalid_request"})
             raise ValueError(f"Invalid chat request: {exc.errors()[0]['msg']}") from None
-        for message in conversation:
-            check_text(message.content, "content", self.settings.max_prompt_chars)
-        async for piece in self._start(conversation, params):
+        try:
+            for message in conversation:
+                check_text(message.content, "content", self.settings.max_prompt_chars)
+        except APIError:
+            self.metrics.refused.inc(tags={"kind": "invalid_request"})
+            raise
+        async for piece in self._observed(self._start(conversation, params), "handle:stream_chat"):
             yield piece
 
     async def fit_conversation(self, messages: list[dict] | list[ChatMessage],
@@ -78,13 +86,28 @@ class Textbot:
         fitted, dropped = fit_to_context(conversation, self.engine.count_prompt_tokens, context - reply_room)
         return {"messages": [m.model_dump() for m in fitted], "dropped": dropped}
 
+    def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes it replace the replica."""
+        if problem := self.engine.problem():
+            raise RuntimeError(problem)
+        self.metrics.set_load(*self._load())  # keeps the gauges reported while idle
+
+    def ready(self) -> dict:
+        """For the ingress's /health: the model's name, once this replica can serve."""
+        self.check_health()
+        return {"model": self.engine.loaded.name}
+
     def stats(self) -> dict:
         """Generations in flight in this replica: for operators and tests."""
-        running = self.engine.running
-        return {"running": running, "waiting": self.engine.in_flight - running}
+        running, waiting = self._load()
+        return {"running": running, "waiting": waiting}
 
-    def model_name(self) -> str:
-        return self.engine.loaded.name
+    def _observed(self, generation: Generation, route: str) -> AsyncIterator[str]:
+        return self.metrics.observe(generation, generation.submitted, route, self._load)
+
+    def _load(self) -> tuple[int, int]:
+        running = self.engine.running
+        return running, self.engine.in_flight - running
 
     def _start(self, messages: list[ChatMessage], params: SamplingParams, strict: bool = False) -> Generation:
         """Submit to the engine with defaults filled in. `strict`: a token limit the caller
@@ -101,6 +124,8 @@ class Textbot:
         try:
             return self.engine.submit(messages, sampling, shorten=not (strict and params.max_new_tokens))
         except PromptTooLongError as exc:
+            self.metrics.refused.inc(tags={"kind": "context_length_exceeded"})
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except EngineBusyError as exc:
+            self.metrics.refused.inc(tags={"kind": "overloaded"})
             raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None

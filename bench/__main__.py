@@ -183,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(),
-        "settings": {"command": "python -m bench " + shlex.join(sys.argv[1:]), "model": settings.model.source,
+        "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": settings.model.source,
                      "dtype": settings.model.dtype, "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "concurrency": args.concurrency},
         "results": results,

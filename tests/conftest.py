@@ -106,13 +106,15 @@ def serve_config(tiny_models) -> dict:
 
 
 @pytest.fixture(scope="session")
-def serve_instance(serve_config):
+def serve_instance(serve_config, metrics_port):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    # Ray's Prometheus exporter, as `make run` starts it (there on port 8080).
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING",
+             _metrics_export_port=metrics_port)
     client = serve_api.serve_start(http_options=serve_config["http_options"])
     client.deploy_apps(ServeDeploySchema.model_validate(serve_config))
     wait_until_running([app["name"] for app in serve_config["applications"] if app["name"] != "broken"],
@@ -136,6 +138,16 @@ def wait_until_running(names: list[str], timeout_s: float) -> None:
         time.sleep(1)
     raise TimeoutError(f"Serve applications not running after {timeout_s} s: "
                        f"{ {n: apps[n].status for n in names if n in apps} }")
+
+
+@pytest.fixture(scope="session")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_instance, metrics_port) -> str:
+    return f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 @pytest.fixture(scope="session")

@@ -145,3 +145,16 @@ def test_batch_admits_and_retires_requests_between_steps(engine):
     assert running_after_short == 1  # the short one retired at once; the long one still running
     assert long.completion_tokens == 200 and rest
     assert engine.in_flight == 0
+
+
+def test_health_problem_reports_a_dead_decode_loop(tiny_models):
+    engine = Engine(model.load(ModelSettings(source=str(tiny_models["tiny-chat"]))))
+    assert engine.problem() is None
+    asyncio.run(reply(engine))  # a reply goes through: still healthy, not stalled
+    assert engine.problem() is None
+    engine.shutdown()  # the loop ends, as it would if it died
+    deadline = time.monotonic() + 5
+    while engine.problem() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.problem() == "The decode loop is not running."
+

@@ -1,0 +1,96 @@
+"""Textbot's own metrics and its one log line per request.
+
+The metrics go through `ray.serve.metrics`, so Ray tags them with the
+application, deployment and replica, aggregates them across replicas and nodes,
+and exports them for Prometheus with its own (`make run`: http://127.0.0.1:8080/metrics,
+names prefixed `ray_`). They are recorded in the model replica, where the tokens are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from ray.serve import metrics
+
+# Serve's logger: its lines carry the request id, application, deployment and replica.
+request_log = logging.getLogger("ray.serve")
+
+SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+TOKEN_GAPS = [0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5]
+
+
+class ReplyMetrics:
+    """One per Textbot replica."""
+
+    def __init__(self):
+        self.time_to_first_token = metrics.Histogram(
+            "textbot_time_to_first_token_seconds", description="From submission to the first text piece.",
+            boundaries=SECONDS)
+        self.inter_token = metrics.Histogram(
+            "textbot_inter_token_latency_seconds", description="Between consecutive tokens of one reply.",
+            boundaries=TOKEN_GAPS)
+        self.duration = metrics.Histogram(
+            "textbot_request_duration_seconds", description="From submission to the reply's end.",
+            boundaries=SECONDS)
+        self.prompt_tokens = metrics.Counter("textbot_prompt_tokens", description="Prompt tokens of replies started.")
+        self.completion_tokens = metrics.Counter("textbot_completion_tokens", description="Tokens generated.")
+        self.finished = metrics.Counter(
+            "textbot_requests_finished", description="Replies ended, by finish reason: stop, length, "
+            "cancelled (the client left or pressed Stop), error.", tag_keys=("finish_reason",))
+        self.refused = metrics.Counter(
+            "textbot_requests_refused", description="Requests refused before generating, by kind: "
+            "overloaded, context_length_exceeded, invalid_request.", tag_keys=("kind",))
+        self.running = metrics.Gauge("textbot_requests_running", description="Replies decoding in the batch.")
+        self.waiting = metrics.Gauge("textbot_requests_waiting", description="Replies waiting for a batch place.")
+
+    def set_load(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    async def observe(self, generation, started: float, route: str, load) -> AsyncIterator[str]:
+        """Pass a generation's pieces through, timing them; log one line when it ends.
+        `load()` returns the replica's (running, waiting) for the gauges."""
+        self.set_load(*load())
+        _add(self.prompt_tokens, generation.prompt_tokens)
+        first = last = None
+        counted = 0
+        error = None
+        try:
+            async for piece in generation:
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                    self.time_to_first_token.observe(now - started)
+                    self.set_load(*load())
+                elif generation.completion_tokens > counted:
+                    # A piece can carry several tokens (held back to complete a character).
+                    gap = (now - last) / (generation.completion_tokens - counted)
+                    for _ in range(generation.completion_tokens - counted):
+                        self.inter_token.observe(gap)
+                last, counted = now, generation.completion_tokens
+                yield piece
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            reason = generation.finish_reason or ("error" if error else "cancelled")
+            duration = time.monotonic() - started
+            self.duration.observe(duration)
+            _add(self.completion_tokens, generation.completion_tokens)
+            self.finished.inc(tags={"finish_reason": reason})
+            self.set_load(*load())
+            request_log.info(json.dumps({
+                "event": "reply", "route": route, "prompt_tokens": generation.prompt_tokens,
+                "completion_tokens": generation.completion_tokens,
+                "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 1),
+                "duration_ms": round(duration * 1000, 1), "finish_reason": reason,
+                "error": None if error is None else f"{type(error).__name__}: {error}",
+            }))
+
+
+def _add(counter: metrics.Counter, value: int) -> None:
+    if value > 0:  # Ray's Counter.inc refuses 0
+        counter.inc(value)

@@ -1,0 +1,73 @@
+"""Operating it: Ray's Prometheus export carries Textbot's own metrics, and each
+request leaves one structured log line (not one per token, no prompt text)."""
+
+import glob
+import json
+import os
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+HELLO = [{"role": "user", "content": "A secret prompt 7f3a"}]
+
+
+def textbot_samples(metrics_url: str, app: str) -> dict[str, float]:
+    """Textbot's metric samples for one application, summed over replicas and tags but
+    the finish reason: name (and finish reason) -> value."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_textbot_") and sample.labels.get("application") == app:
+                key = sample.name + (f"[{sample.labels['finish_reason']}]" if "finish_reason" in sample.labels else "")
+                if "le" not in sample.labels:  # bucket counts are cumulative; count and sum suffice here
+                    samples[key] = samples.get(key, 0.0) + sample.value
+    return samples
+
+
+def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_url):
+    body = {"messages": HELLO, "max_tokens": 24, "temperature": 0, "stream": True}
+    with http.stream("POST", "/tiny-chat/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        list(response.iter_lines())
+
+    deadline, samples = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        samples = textbot_samples(metrics_url, "tiny-chat")
+        # The gauges are reported again at each health check (every 10 s).
+        if samples.get("ray_textbot_completion_tokens_total", 0) >= 24 and "ray_textbot_requests_running" in samples:
+            break
+        time.sleep(2)
+    print({k: v for k, v in sorted(samples.items())})
+    assert samples.get("ray_textbot_completion_tokens_total", 0) >= 24
+    assert samples.get("ray_textbot_prompt_tokens_total", 0) >= 1
+    assert samples.get("ray_textbot_requests_finished_total[length]", 0) >= 1
+    for histogram in ("time_to_first_token", "request_duration", "inter_token_latency"):
+        count = samples[f"ray_textbot_{histogram}_seconds_count"]
+        mean = samples[f"ray_textbot_{histogram}_seconds_sum"] / count
+        assert count >= 1 and 0 < mean < 60, (histogram, count, mean)
+    # A 24-token reply has 23 gaps between its tokens: at least that many were observed.
+    assert samples["ray_textbot_inter_token_latency_seconds_count"] >= 23
+    assert "ray_textbot_requests_running" in samples and "ray_textbot_requests_waiting" in samples
+
+
+def test_each_request_leaves_one_structured_log_line_without_the_prompt(http):
+    response = http.post("/tiny-chat/v1/chat/completions", json={"messages": HELLO, "max_tokens": 24,
+                                                                 "temperature": 0})
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    logs = "/tmp/ray/session_latest/logs/serve"  # Ray's documented place for the session's logs
+
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline and not lines:
+        lines = [line for path in glob.glob(os.path.join(logs, "replica_tiny-chat_Textbot_*.log"))
+                 for line in open(path, encoding="utf-8", errors="replace")
+                 if request_id in line and '"event": "reply"' in line]
+        time.sleep(0.5)
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0][lines[0].index("{"):])
+    assert record["route"] == "POST /v1/chat/completions"
+    assert record["completion_tokens"] == 24 and record["prompt_tokens"] > 0
+    assert record["finish_reason"] == "length" and record["error"] is None
+    assert 0 < record["time_to_first_token_ms"] <= record["duration_ms"]
+    assert "7f3a" not in lines[0]  # no prompt text in the log
