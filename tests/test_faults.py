@@ -127,3 +127,14 @@ def test_replica_killed_mid_stream_gives_a_terminal_error_then_recovers(base_url
     assert outcome == EXPECTED_OUTCOME[route]
     assert seconds < 5
     assert next_request_succeeds(http, "tiny-victim")
+
+
+def test_health_reflects_a_lost_model_replica_until_serve_replaces_it(http):
+    assert http.get("/tiny-victim/health").status_code == 200
+    kill_replica("tiny-victim")
+    lost = http.get("/tiny-victim/health")  # within milliseconds: no replacement can be up yet
+    assert lost.status_code == 503
+    assert "No model replica is ready" in lost.json()["error"]["message"]
+    assert lost.headers["retry-after"] == "5"
+    assert next_request_succeeds(http, "tiny-victim")
+    assert http.get("/tiny-victim/health").json() == {"status": "ok", "model": "tiny-chat"}
