@@ -54,13 +54,15 @@ HEALTH_TIMEOUT_S = 5.0
 _REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
-def served_error(error: Exception, mid_reply: bool) -> Exception:
-    """What a failed call to a Textbot replica means to the client.
+def replica_cause(error: Exception) -> Exception:
+    """The exception a Textbot replica raised, without Ray's RayTaskError wrapper (`.cause`)."""
+    return getattr(error, "cause", None) or error
 
-    Ray wraps a replica's exception (`.cause` is the original); Serve's own
-    errors say the replica is full or gone.
-    """
-    cause = getattr(error, "cause", None) or error
+
+def served_error(error: Exception, mid_reply: bool) -> Exception:
+    """What a failed call to a Textbot replica means to the client; Serve's own
+    errors say the replica is full or gone."""
+    cause = replica_cause(error)
     if isinstance(cause, (APIError, GenerationError)):
         return cause
     if isinstance(cause, BackPressureError):
@@ -217,7 +219,7 @@ class TextbotAPI:
         try:
             await asyncio.wait_for(self.textbot.ready.remote(), HEALTH_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - any failure means not ready
-            cause = getattr(error, "cause", None) or error
+            cause = replica_cause(error)
             raise APIError(503, f"No model replica is ready ({type(cause).__name__}: {cause}); "
                            "one may be loading or restarting.",
                            code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None

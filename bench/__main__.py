@@ -76,8 +76,8 @@ def healthy(url: str) -> bool:
 def served_stack(args: argparse.Namespace, skipped: dict):
     """Use the stack at --url, or run `serve run deploy.yaml` for the length of the benchmark."""
     api = args.url.rstrip("/") + args.api_path.rstrip("/")
-    if healthy(api) or args.no_start:
-        yield healthy(api)
+    if (up := healthy(api)) or args.no_start:
+        yield up
         return
     print("No stack answers at", api, "- starting `serve run deploy.yaml`", flush=True)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -88,10 +88,10 @@ def served_stack(args: argparse.Namespace, skipped: dict):
         deadline = time.monotonic() + 300
         while not healthy(api) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(2)
-        if not healthy(api):
+        if not (up := healthy(api)):
             for target in SERVED:
                 skipped[target] = "the stack did not become healthy within 300 s"
-        yield healthy(api)
+        yield up
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run stops Ray on SIGINT
         with contextlib.suppress(subprocess.TimeoutExpired):

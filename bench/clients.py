@@ -5,11 +5,12 @@ drives them all the same way."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
+
+from ui.sources import openai_pieces
 
 Stream = Callable[[str, int], AsyncIterator[str]]
 
@@ -72,15 +73,8 @@ def openai_client(api_url: str, client: httpx.AsyncClient, model: str | None = N
                 "stream": True, **GREEDY} | ({"model": model} if model else {})
         async with client.stream("POST", f"{api_url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                for choice in chunk["choices"]:
-                    if piece := choice["delta"].get("content"):
-                        yield piece
+            async for piece in openai_pieces(response.aiter_lines()):
+                yield piece
 
     return stream
 

@@ -58,19 +58,25 @@ def http_source(backend_url: str, api_key: str | None = None, timeout_s: float =
                     raise BackendError(_error_message(response))
                 if dropped := int(response.headers.get("x-textbot-dropped-messages", "0")):
                     notify(dropped_notice(dropped))
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line.removeprefix("data: "))
-                    if "error" in chunk:
-                        raise BackendError(chunk["error"]["message"])
-                    for choice in chunk.get("choices", ()):
-                        if piece := choice["delta"].get("content"):
-                            yield piece
+                async for piece in openai_pieces(response.aiter_lines()):
+                    yield piece
         except httpx.TransportError as error:
             raise BackendError(f"cannot reach the backend at {backend_url} ({error.__class__.__name__}).") from error
 
     return stream
+
+
+async def openai_pieces(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The text pieces of an OpenAI chat-completions SSE stream; an error event raises BackendError."""
+    async for line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix("data: "))
+        if "error" in chunk:
+            raise BackendError(chunk["error"]["message"])
+        for choice in chunk.get("choices", ()):
+            if piece := choice["delta"].get("content"):
+                yield piece
 
 
 def _error_message(response: httpx.Response) -> str:
