@@ -3,13 +3,14 @@
 Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
 `async for piece in generation` and `generation.cancel()`.
 
-Inside, one decode loop per engine runs continuous (iteration-level) batching:
-at every step it admits waiting requests (each prefilled on its own, then merged
-into the batch), runs one forward pass that decodes a token for every running
-request, and retires finished and cancelled requests at once, so nobody waits
-for a partner or for the longest reply. The loop reads top to bottom in
-`_run` -> `_admit` / `Batch.step` -> `_advance`; `prefill`, `decode_step` and
-`sample` are the model calls.
+Inside, one decode loop per engine runs continuous (iteration-level) batching.
+At every step it admits waiting requests, reads up to `prefill_chunk` tokens of
+their prompts (each prompt into a KV cache of its own; one read to its end
+joins the batch), runs one forward pass that decodes a token for every running
+request, and retires finished and cancelled requests at once. So nobody waits
+for a partner, for the longest reply, or for a long prompt to be read. The loop
+reads top to bottom in `_run` -> `_admit` / `_read_prompts` / `Batch.step` ->
+`_advance`; the tensors live in `backend/batch.py`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
+from backend.batch import Batch, PromptReader
 from backend.detokenizer import IncrementalDetokenizer
 from backend.errors import GenerationError
 from backend.model import LoadedModel, encode_chat
 from backend.protocol import ChatMessage, ResolvedSampling
+from backend.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -109,79 +110,12 @@ class _Request:
             self.generation.cancel()
 
 
-class Batch:
-    """The running requests and their KV cache, left-padded to one length so one
-    forward pass decodes a token for each. `mask` marks each row's real tokens."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.requests: list[_Request] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token, 0 = padding
-
-    def add(self, request: _Request) -> torch.Tensor:
-        """Prefill a new request on its own and merge its cache in; returns its next-token logits."""
-        logits, cache = prefill(self.model, request.prompt_ids)
-        request.length = len(request.prompt_ids)
-        mask = torch.ones(1, request.length, dtype=torch.long)
-        if not self.requests:
-            self.cache, self.mask = cache, mask
-        else:
-            width = max(self.mask.shape[1], request.length)
-            self.cache = _concat_rows(_pad_left(self.cache, width), _pad_left(cache, width))
-            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
-        self.requests.append(request)
-        return logits
-
-    def step(self) -> torch.Tensor:
-        """Feed every request its last token; returns the next-token logits, one row each."""
-        tokens = torch.tensor([[r.next_token] for r in self.requests])
-        positions = torch.tensor([[r.length] for r in self.requests])
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        logits, self.cache = decode_step(self.model, tokens, positions, self.mask, self.cache)
-        for request in self.requests:
-            request.length += 1
-        return logits
-
-    def keep(self, kept: list[_Request]) -> None:
-        """Retire every request not in `kept`, and the padding no remaining row needs."""
-        if len(kept) == len(self.requests):
-            return
-        if not kept:
-            self.requests, self.cache, self.mask = [], None, None
-            return
-        rows = torch.tensor([self.requests.index(r) for r in kept])
-        mask = self.mask[rows]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # columns before it are padding in every row
-        self.mask = mask[:, start:]
-        self.cache = _map_cache(self.cache, lambda t: t[rows, :, start:])
-        self.requests = kept
-
-
-def _map_cache(cache: DynamicCache, fn) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v, *_ in cache])
-
-
-def _pad_left(cache: DynamicCache, width: int) -> DynamicCache:
-    return _map_cache(cache, lambda t: F.pad(t, (0, 0, width - t.shape[-2], 0)))
-
-
-def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return F.pad(mask, (width - mask.shape[1], 0))
-
-
-def _concat_rows(a: DynamicCache, b: DynamicCache) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=[(torch.cat([ka, kb]), torch.cat([va, vb]))
-                                        for (ka, va, *_), (kb, vb, *_) in zip(a, b)])
-
-
 class Engine:
-    def __init__(self, loaded: LoadedModel, torch_threads: int | None = None, max_running: int = 8,
-                 max_waiting: int = 16, max_seconds: float | None = None):
+    def __init__(self, loaded: LoadedModel, limits: EngineSettings = EngineSettings(), torch_threads: int | None = None):
         self.loaded = loaded
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.max_running, self.max_waiting, self.max_seconds = max_running, max_waiting, max_seconds
+        self.limits = limits
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
@@ -208,15 +142,15 @@ class Engine:
     def context_length(self) -> int:
         return self.loaded.context_length
 
-    def problem(self, max_stall_s: float = 60.0) -> str | None:
+    def problem(self) -> str | None:
         """Why the engine cannot serve, or None: its decode loop died, or has work but
-        finished no step for `max_stall_s` (wedged). For Serve's health check."""
+        finished no step for `max_stall_seconds` (wedged). For Serve's health check."""
         if not self._loop.is_alive():
             return "The decode loop is not running."
         with self._lock:
             stalled = time.monotonic() - self._last_step if self._pending else 0.0
-        if stalled > max_stall_s:
-            return f"The decode loop has finished no step for {stalled:.0f} s with requests in flight."
+        if stalled > self.limits.max_stall_seconds:
+            return f"The decode loop has finished no step for {stalled:.1f} s with requests in flight."
         return None
 
     def shutdown(self) -> None:
@@ -245,9 +179,9 @@ class Engine:
         generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
         request = _Request(generation, prompt_ids, min(sampling.max_new_tokens, room), asyncio.get_running_loop())
         with self._work:
-            if self._pending >= self.max_running + self.max_waiting:
+            if self._pending >= self.limits.max_running + self.limits.max_waiting:
                 raise EngineBusyError(
-                    f"All {self.max_running} generation slots and {self.max_waiting} waiting places are "
+                    f"All {self.limits.max_running} generation slots and {self.limits.max_waiting} waiting places are "
                     "taken. Try again in a few seconds."
                 )
             self._pending += 1
@@ -260,21 +194,22 @@ class Engine:
     @torch.inference_mode()
     def _run(self) -> None:
         batch = Batch(self.loaded.model)
+        reading: collections.deque[PromptReader] = collections.deque()  # admitted, prompt still being read
         while True:
             with self._work:
-                while not (self._waiting or batch.requests or self._stopped):
+                while not (self._waiting or reading or batch.requests or self._stopped):
                     self._work.wait()
                     self._last_step = time.monotonic()
                 if self._stopped:
                     break
-                room = self.max_running - len(batch.requests)
+                room = self.limits.max_running - len(batch.requests) - len(reading)
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 self._running += len(admitted)
                 for request in admitted:
                     request.running = True
+            reading.extend(filter(None, map(self._admit, admitted)))
             try:
-                for request in admitted:
-                    self._admit(batch, request)
+                self._read_prompts(reading, batch)
                 if batch.requests:
                     logits = batch.step()
                     batch.keep([r for r, row in zip(batch.requests, logits) if self._advance(r, row)])
@@ -285,24 +220,41 @@ class Engine:
                 batch = Batch(self.loaded.model)
             with self._lock:
                 self._last_step = time.monotonic()
-        for request in [*batch.requests, *self._waiting]:
+        for request in [*batch.requests, *(prompt.request for prompt in reading), *self._waiting]:
             self._finish(request, _Finished("cancelled"))
 
-    def _admit(self, batch: Batch, request: _Request) -> None:
+    def _admit(self, request: _Request) -> PromptReader | None:
         sampling = request.generation.sampling
         if request.generation.cancelled:  # the client left while it waited
             return self._finish(request, _Finished("cancelled"))
         request.rng = torch.Generator()
         request.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         request.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
-        request.deadline = time.monotonic() + self.max_seconds if self.max_seconds else float("inf")
-        try:
-            logits = batch.add(request)
-        except Exception as exc:
-            log.exception("Prefill of generation %d failed", request.generation.id)
-            return self._finish(request, _Finished("error", _failure(exc)))
-        if not self._advance(request, logits):
-            batch.keep([r for r in batch.requests if r is not request])
+        request.deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
+        return PromptReader(self.loaded.model, request)
+
+    def _read_prompts(self, reading: collections.deque[PromptReader], batch: Batch) -> None:
+        """Read at most `prefill_chunk` prompt tokens in this step, oldest prompt first. A prompt
+        read to its end samples its first token and joins the batch."""
+        budget = self.limits.prefill_chunk
+        while reading and budget > 0:
+            prompt = reading[0]
+            request = prompt.request
+            if request.generation.cancelled:
+                reading.popleft()
+                self._finish(request, _Finished("cancelled"))
+                continue
+            try:
+                budget -= prompt.read(budget)
+            except Exception as exc:  # fails this request only
+                reading.popleft()
+                log.exception("Prefill of generation %d failed", request.generation.id)
+                self._finish(request, _Finished("error", _failure(exc)))
+                continue
+            if prompt.done:
+                reading.popleft()
+                if self._advance(request, prompt.logits):
+                    batch.add(prompt)
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> bool:
         """Sample and stream the request's next token. Returns whether it goes on decoding."""
@@ -338,18 +290,6 @@ class Engine:
 
 def _failure(exc: Exception) -> GenerationError:
     return GenerationError(f"The model failed while generating ({type(exc).__name__}: {exc}).")
-
-
-def prefill(model, prompt_ids: list[int]):
-    # logits_to_keep: only the last position's logits are needed, not the whole prompt's.
-    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1], out.past_key_values
-
-
-def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache):
-    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask,
-                past_key_values=cache, use_cache=True)
-    return out.logits[:, -1], out.past_key_values
 
 
 def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:

@@ -74,6 +74,14 @@ class EngineSettings(_Strict):
     max_seconds: float | None = Field(
         120.0, gt=0, description="Wall-clock cap on one generation; the reply ends with finish reason 'length'."
     )
+    prefill_chunk: int = Field(
+        256, ge=1, description="Prompt tokens read per step: a long prompt is read over several steps "
+        "while the batch decodes on."
+    )
+    max_stall_seconds: float = Field(
+        60.0, gt=0, description="A replica whose decode loop finishes no step for this long, with requests "
+        "in flight, fails its health check and Serve replaces it."
+    )
 
 
 class TextbotSettings(_Strict):

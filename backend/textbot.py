@@ -30,9 +30,7 @@ class Textbot:
     def __init__(self, settings: TextbotSettings):
         self.settings = settings
         loaded = model.load(settings.model)
-        limits = settings.engine
-        self.engine = Engine(loaded, settings.model.torch_threads, max_running=limits.max_running,
-                             max_waiting=limits.max_waiting, max_seconds=limits.max_seconds)
+        self.engine = Engine(loaded, settings.engine, settings.model.torch_threads)
         self.metrics = ReplyMetrics()
 
     def __del__(self):

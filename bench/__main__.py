@@ -152,8 +152,8 @@ async def run(args: argparse.Namespace) -> dict:
     skipped: dict[str, str] = {}
 
     if "engine" in args.targets:
-        engine = Engine(loaded, settings.model.torch_threads or threads, max_running=settings.engine.max_running,
-                        max_waiting=max(settings.engine.max_waiting, max(args.concurrency)))
+        limits = settings.engine.model_copy(update={"max_waiting": max(settings.engine.max_waiting, max(args.concurrency))})
+        engine = Engine(loaded, limits, settings.model.torch_threads or threads)
         results["engine"] = await measure("engine", engine_client(engine), args, count_tokens)
         engine.shutdown()
     if "transformers" in args.targets:

@@ -1,5 +1,7 @@
 """deploy.yaml, the settings it fills and the model-source errors a person sees."""
 
+import time
+
 import pytest
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
@@ -48,7 +50,10 @@ def test_procfile_serves_what_make_run_serves():
 def test_a_model_that_cannot_load_fails_its_application_once_with_the_reason(serve_instance):
     from ray import serve
 
-    status = serve.status().applications["broken"]
+    # Serve retries a failing replica a few times before it gives up on the application.
+    deadline = time.monotonic() + 180
+    while (status := serve.status().applications["broken"]).status == "DEPLOYING" and time.monotonic() < deadline:
+        time.sleep(1)
     assert status.status == "DEPLOY_FAILED"
     assert "/nonexistent/model" in status.message
     assert "does not exist" in status.message

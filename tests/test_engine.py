@@ -2,6 +2,7 @@
 Textbot deployment builds on (submit, iterate pieces, cancel)."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from backend import model
 from backend.engine import Engine, PromptTooLongError
 from backend.protocol import ChatMessage, ResolvedSampling
-from backend.settings import ModelSettings
+from backend.settings import EngineSettings, ModelSettings
 
 HELLO = [ChatMessage(role="user", content="Hello there!")]
 GREEDY = ResolvedSampling(max_new_tokens=20, temperature=0.0, top_p=1.0)
@@ -158,3 +159,81 @@ def test_health_problem_reports_a_dead_decode_loop(tiny_models):
         time.sleep(0.01)
     assert engine.problem() == "The decode loop is not running."
 
+
+
+def test_prompts_read_in_chunks_give_the_same_greedy_replies(engine, tiny_models):
+    """A prompt read a few tokens per step (here 5) continues from its own KV cache: the
+    replies are those of prompts read whole."""
+    chunked = Engine(engine.loaded, EngineSettings(prefill_chunk=5))
+
+    async def replies(of):
+        return [("".join((await reply(of, [ChatMessage(role="user", content=p)]))[1])) for p in PROMPTS]
+
+    try:
+        assert asyncio.run(replies(chunked)) == asyncio.run(replies(engine))
+    finally:
+        chunked.shutdown()
+
+
+def test_the_batch_decodes_on_while_a_long_prompt_is_read(tiny_models):
+    """One chunk of a long prompt per step, then a decode step for the batch: the reply
+    already streaming gets a token for every chunk, instead of waiting for the whole prompt."""
+    chunk = 16
+    engine = Engine(model.load(ModelSettings(source=str(tiny_models["tiny-chat"]))),
+                    EngineSettings(prefill_chunk=chunk))
+    long_prompt = [ChatMessage(role="user", content="Once upon a time a small robot learned. " * 150)]
+    one_token = ResolvedSampling(max_new_tokens=1, temperature=0.0, top_p=1.0)
+
+    async def race():
+        streaming = engine.submit(HELLO, ResolvedSampling(max_new_tokens=2000, temperature=0.0, top_p=1.0))
+        stream = aiter(streaming)
+        await anext(stream)
+        before = streaming.completion_tokens
+        late = engine.submit(long_prompt, one_token)
+        [piece async for piece in late]
+        during = streaming.completion_tokens - before
+        await stream.aclose()
+        return late, during
+
+    try:
+        late, during = asyncio.run(race())
+    finally:
+        engine.shutdown()
+    steps = -(-late.prompt_tokens // chunk)
+    assert late.prompt_tokens > 1000 and late.completion_tokens == 1
+    assert during >= steps - 1, (during, steps)
+
+
+def test_health_problem_reports_a_wedged_decode_loop(tiny_models):
+    """A forward pass that does not return (held here by a hook on the real model) is a
+    wedged loop once it lasts `max_stall_seconds` with a request in flight."""
+    engine = Engine(model.load(ModelSettings(source=str(tiny_models["tiny-chat"]))),
+                    EngineSettings(max_stall_seconds=0.2))
+    release = threading.Event()
+
+    def hold(module, args) -> None:  # returns None: the forward pass gets its arguments unchanged
+        release.wait(30)
+
+    hook = engine.loaded.model.register_forward_pre_hook(hold)
+
+    async def wedge_then_release():
+        generation = engine.submit(HELLO, GREEDY)
+        deadline, problem = time.monotonic() + 10, None
+        while problem is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            problem = engine.problem()
+        release.set()
+        pieces = [piece async for piece in generation]
+        return problem, generation, pieces
+
+    try:
+        time.sleep(0.3)
+        assert engine.problem() is None  # idle for longer than the limit is not a stall
+        problem, generation, pieces = asyncio.run(wedge_then_release())
+    finally:
+        release.set()
+        hook.remove()
+        engine.shutdown()
+    assert problem is not None and problem.startswith("The decode loop has finished no step for"), problem
+    assert generation.completion_tokens == 20 and pieces  # once the step returns, the reply goes on
+    assert engine.problem() in (None, "The decode loop is not running.")
