@@ -13,12 +13,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test bench clean
 
-# Ray's Prometheus exporter listens on :8080 only if Ray starts with that port, which
-# `serve run` alone cannot ask for: start Ray, serve onto it, stop Ray when serving
-# ends (the trap keeps this shell alive through Ctrl-C so that `ray stop` runs).
+# Serves deploy.yaml on a Ray head node of its own, whose Prometheus exporter is at
+# http://127.0.0.1:$(METRICS_PORT)/metrics; Ctrl-C stops both (backend/launch.py).
+# RAY_FLAGS go to `ray start`, e.g. RAY_FLAGS=--temp-dir=/tmp/textbot.
+METRICS_PORT := 8080
+RAY_FLAGS :=
 run: $(VENV)/.installed
-	$(VENV)/bin/ray start --head --metrics-export-port=8080 --disable-usage-stats
-	trap true INT TERM; $(VENV)/bin/serve run --address auto deploy.yaml; $(VENV)/bin/ray stop
+	$(PY) -m backend.launch --metrics-port=$(METRICS_PORT) $(RAY_FLAGS) deploy.yaml
 
 test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest

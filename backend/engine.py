@@ -57,7 +57,8 @@ class Generation:
     id: int
     prompt_tokens: int
     sampling: ResolvedSampling
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # sampled so far, by the decode loop
+    tokens_streamed: int = 0  # in the pieces yielded so far: the consumer's view, for its metrics
     finish_reason: str | None = None
     submitted: float = field(default_factory=time.monotonic)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
@@ -80,7 +81,8 @@ class Generation:
                     if item.error is not None:
                         raise item.error
                     return
-                yield item
+                text, self.tokens_streamed = item
+                yield text
         finally:
             # Reached on normal end too (then a no-op), but above all when the consumer
             # goes away mid-stream: a closed stream must not keep burning the cores.
@@ -272,7 +274,7 @@ class Engine:
             return self._finish(request, _Finished("stop"))
         generation.completion_tokens += 1
         if piece := request.detokenizer.push(token_id):
-            request.hand_over(piece)
+            request.hand_over((piece, generation.completion_tokens))
         if generation.completion_tokens >= request.budget:
             return self._finish(request, _Finished("length"))
         request.next_token = token_id
@@ -280,7 +282,7 @@ class Engine:
 
     def _finish(self, request: _Request, finished: _Finished) -> bool:
         if finished.reason in ("stop", "length") and request.detokenizer and (tail := request.detokenizer.flush()):
-            request.hand_over(tail)
+            request.hand_over((tail, request.generation.completion_tokens))
         with self._lock:
             self._pending -= 1
             self._running -= request.running

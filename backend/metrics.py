@@ -65,12 +65,12 @@ class ReplyMetrics:
                     first = now
                     self.time_to_first_token.observe(now - started)
                     self.set_load(*load())
-                elif generation.completion_tokens > counted:
+                elif generation.tokens_streamed > counted:
                     # A piece can carry several tokens (held back to complete a character).
-                    gap = (now - last) / (generation.completion_tokens - counted)
-                    for _ in range(generation.completion_tokens - counted):
+                    gap = (now - last) / (generation.tokens_streamed - counted)
+                    for _ in range(generation.tokens_streamed - counted):
                         self.inter_token.observe(gap)
-                last, counted = now, generation.completion_tokens
+                last, counted = now, generation.tokens_streamed
                 yield piece
         except Exception as exc:
             error = exc

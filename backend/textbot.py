@@ -47,7 +47,7 @@ class Textbot:
         """
         generation = self._start(messages, sampling, strict)
         async for text in self._observed(generation, route):
-            yield ReplyPiece(text, generation.prompt_tokens, generation.completion_tokens)
+            yield ReplyPiece(text, generation.prompt_tokens, generation.tokens_streamed)
         yield ReplyPiece("", generation.prompt_tokens, generation.completion_tokens, generation.finish_reason)
 
     async def stream_chat(

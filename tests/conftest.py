@@ -26,7 +26,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 API_KEY = "test-key-not-a-secret"
 PAGE_LOGIN = ("ada", "lovelace-1815")
 TINY_APPS = {"tiny-chat": "build_tiny_chat_model", "tiny-gpt2": "build_tiny_gpt2",
-             "tiny-broken": "build_broken_model"}
+             "tiny-broken": "build_broken_model", "tiny-slow": "build_slow_chat_model"}
 
 
 def free_port() -> int:
@@ -60,6 +60,16 @@ def tiny_app(name: str, source: Path, generation: dict | None = None, env: dict 
     return app | ({"runtime_env": {"env_vars": env}} if env else {})
 
 
+def wedging_app(source: Path) -> dict:
+    """Textbot whose decode loop can be wedged from outside: it reads a whole prompt in one
+    step, which takes seconds on this model, against a stall limit of half a second.
+    Serve checks its health every second and gives a replica 1 s to shut down."""
+    app = tiny_app("tiny-slow", source, prefill_chunk=8192, max_stall_seconds=0.5)
+    textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
+    textbot |= {"health_check_period_s": 1, "graceful_shutdown_timeout_s": 1}
+    return app
+
+
 def page_app(name: str, textbot_app: str, generation: dict | None = None, env: dict | None = None) -> dict:
     """The chat page in front of `textbot_app`."""
     app = {"name": name, "route_prefix": f"/{name}", "import_path": "ui.deployment:build_app",
@@ -79,7 +89,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def serve_config(tiny_models) -> dict:
     config = copy.deepcopy(load_deploy_config())
     config["http_options"]["port"] = free_port()
-    chat, gpt2, broken = (tiny_models[name] for name in TINY_APPS)
+    chat, gpt2, broken, slow = (tiny_models[name] for name in TINY_APPS)
     greedy_16 = {"temperature": 0.0, "max_new_tokens": 16}
     config["applications"] += [
         tiny_app("tiny-chat", chat),
@@ -89,6 +99,7 @@ def serve_config(tiny_models) -> dict:
         tiny_app("tiny-busy", chat, {"max_new_tokens": 2000}, max_running=1, max_waiting=4),
         tiny_app("tiny-capped", chat, max_seconds=0.3),
         tiny_app("tiny-victim", chat),  # the fault tests kill its replica
+        wedging_app(slow),  # the health tests wedge its decode loop
         # Access control switched on through the environment, as an operator would.
         tiny_app("tiny-locked", chat, env={"TEXTBOT_API_KEY": API_KEY}),
         {"name": "relay", "route_prefix": "/relay", "import_path": "tests.relay:build",

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, app_config, free_port, load_deploy_config
+from tests.processes import kill_processes_mentioning, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -45,16 +46,6 @@ def stop(node: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait(10)
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if result := predicate():
-                return result
-        time.sleep(1)
-    raise TimeoutError(f"{what}: not within {timeout_s} s")
 
 
 def replicas_that_replied(log_dir: str) -> dict[str, int]:
@@ -85,26 +76,6 @@ def two_node_cluster(tiny_models):
             stop(node)
         leftovers = kill_processes_mentioning(temp_dir)
         assert not leftovers, f"processes of the test cluster outlived it: {leftovers}"
-
-
-def kill_processes_mentioning(text: str) -> list[str]:
-    """Processes whose command line names the cluster's temp dir, still alive after a grace
-    period, are killed (and returned, so the test can fail on them)."""
-    def matching() -> dict[int, str]:
-        found = {}
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if proc.name.isdigit() and text in (cmd := (proc / "cmdline").read_text().replace("\0", " ")):
-                    found[int(proc.name)] = cmd[:120]
-        return found
-
-    deadline = time.monotonic() + 20
-    while (left := matching()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return list(left.values())
 
 
 def test_two_nodes_share_the_traffic_and_one_carries_on_alone(two_node_cluster, tiny_models, tmp_path):

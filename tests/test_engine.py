@@ -31,6 +31,7 @@ def test_greedy_reply_streams_to_its_token_budget(engine):
     generation, pieces = asyncio.run(reply(engine))
     assert len(pieces) > 1
     assert generation.completion_tokens == 20
+    assert generation.tokens_streamed == 20  # the pieces account for every token
     assert generation.finish_reason == "length"
     assert generation.prompt_tokens == engine.count_prompt_tokens(HELLO)
     assert engine.in_flight == 0

@@ -2,7 +2,9 @@
 
 import asyncio
 import contextlib
+import glob
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -10,6 +12,8 @@ import ray
 from ray import serve
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from tests.processes import wait_for
 
 HELLO = [{"role": "user", "content": "Hello"}]
 SAMPLED = {"temperature": 1.0, "max_tokens": 8}  # sampling from NaN logits raises
@@ -44,10 +48,8 @@ def test_failing_generation_closes_the_websocket_with_1011(base_url):
 
 
 def kill_replica(app: str) -> None:
-    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
-              if a["name"].startswith(f"SERVE_REPLICA::{app}#Textbot#")]
-    assert len(actors) == 1
-    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+    [replica] = replicas(app)
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
 
 
 def next_request_succeeds(http, app: str, timeout_s: float = 120) -> bool:
@@ -138,3 +140,37 @@ def test_health_reflects_a_lost_model_replica_until_serve_replaces_it(http):
     assert lost.headers["retry-after"] == "5"
     assert next_request_succeeds(http, "tiny-victim")
     assert http.get("/tiny-victim/health").json() == {"status": "ok", "model": "tiny-chat"}
+
+
+def test_serve_replaces_a_replica_whose_decode_loop_is_wedged(http, base_url):
+    """tiny-slow reads a 7700-token prompt in one step of 10 s or more, against a stall
+    limit of 0.5 s: to its health check, a wedged loop. /health says so, Serve's controller
+    sees check_health fail and replaces the replica, and the new one serves."""
+    [wedged_replica] = [r["name"] for r in replicas("tiny-slow")]
+    prompt = [{"role": "user", "content": "Once upon a time a small robot learned to tell stories. " * 240}]
+
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(httpx.post, f"{base_url}/tiny-slow/v1/chat/completions", timeout=120,
+                            json={"messages": prompt, "max_tokens": 1})
+        health = wait_for(lambda: (r := http.get("/tiny-slow/health")).status_code == 503 and r.json(),
+                          60, "/health to report the wedged loop")
+        replaced = wait_for(lambda: (names := [r["name"] for r in replicas("tiny-slow")])
+                            and wedged_replica not in names and names, 120, "Serve to replace the replica")
+        stuck_status = stuck.result().status_code
+
+    print("health while wedged:", health["error"]["message"], "| replaced by:", replaced)
+    assert "The decode loop has finished no step for" in health["error"]["message"]
+    replica_id = wedged_replica.rsplit("#", 1)[1]
+    verdicts = [line for path in glob.glob("/tmp/ray/session_latest/logs/serve/controller_*.log")
+                for line in open(path, errors="replace") if replica_id in line and "failed the health check" in line]
+    assert verdicts, f"no health-check failure of replica {replica_id} in the controller's log"
+    assert stuck_status == 503  # its replica was replaced before the first token: try again
+    assert next_request_succeeds(http, "tiny-slow")
+    assert http.get("/tiny-slow/health").status_code == 200
+
+
+def replicas(app: str) -> list[dict]:
+    """The application's model replicas (Serve's named actors): name and namespace."""
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#Textbot#")]
+

@@ -3,7 +3,8 @@
 A real tokenizer (byte-level BPE, trained here on a few sentences with
 non-ASCII text) and real transformers architectures, small enough to load in
 well under a second: one Llama with a ChatML chat template, one GPT-2 without
-a template (exercising the fallback prompt format).
+a template (exercising the fallback prompt format), and a slower Llama whose long
+prompts take seconds to read.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def build_tiny_chat_model(folder: Path) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    save(LlamaForCausalLM(config), tokenizer, folder)
+    return folder
+
+
+def build_slow_chat_model(folder: Path) -> Path:
+    """A wider, 8-layer Llama (134 MB) with an 8192-token context: reading a 7700-token
+    prompt in one forward pass takes 10-15 s on one core, for the wedged-loop test."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(CHATML)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     save(LlamaForCausalLM(config), tokenizer, folder)
