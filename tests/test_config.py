@@ -42,9 +42,7 @@ def test_unloadable_model_source_fails_with_an_actionable_message(source, hint):
 
 def test_procfile_serves_what_make_run_serves():
     procfile = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
-    assert procfile["web"].strip() == "make run"
-    makefile = (ROOT / "Makefile").read_text()
-    assert "serve run --address auto deploy.yaml" in makefile and "--metrics-export-port=8080" in makefile
+    assert procfile["web"].strip() == "make run"  # which tests/test_make_run.py runs
 
 
 def test_a_model_that_cannot_load_fails_its_application_once_with_the_reason(serve_instance):
