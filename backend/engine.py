@@ -228,7 +228,8 @@ class Engine:
     def _admit(self, request: _Request) -> PromptReader | None:
         sampling = request.generation.sampling
         if request.generation.cancelled:  # the client left while it waited
-            return self._finish(request, _Finished("cancelled"))
+            self._finish(request, _Finished("cancelled"))
+            return None
         request.rng = torch.Generator()
         request.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         request.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
