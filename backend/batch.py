@@ -1,6 +1,7 @@
-"""The model side of continuous batching: prompts read into KV caches a chunk at a
-time, and the batch of running requests that decodes one token each per forward
-pass. No scheduling here (that is `backend/engine.py`), only tensors.
+"""The model side of continuous batching: prompts read into KV caches (short ones
+together in one forward pass, long ones a chunk at a time), and the batch of
+running requests that decodes one token each per forward pass. No scheduling
+here (that is `backend/engine.py`), only tensors.
 
 A request here is anything with `prompt_ids`, `length` (its tokens in the cache)
 and `next_token` (fed to the model at the next step): the engine's `_Request`.
@@ -8,15 +9,44 @@ and `next_token` (fed to the model at the next step): the engine's `_Request`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 
+@dataclass
+class Rows:
+    """Prompts read to their end: their requests, next-token logits (a row each) and KV
+    cache, left-padded to one width, with `mask` marking each row's real tokens."""
+
+    requests: list
+    logits: torch.Tensor
+    cache: DynamicCache
+    mask: torch.Tensor
+
+    def select(self, kept: list[bool]) -> Rows:
+        rows = torch.tensor([i for i, keep in enumerate(kept) if keep])
+        cache, mask = _take_rows(self.cache, self.mask, rows)
+        return Rows([r for r, keep in zip(self.requests, kept) if keep], self.logits[rows], cache, mask)
+
+
+def read_whole(model: torch.nn.Module, requests: list) -> Rows:
+    """Several prompts in one forward pass, left-padded to the longest. Measured here with
+    the default model: 8 prompts of 40 tokens took 0.88 s together, 1.37 s one by one."""
+    width = max(len(r.prompt_ids) for r in requests)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
+    ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return Rows(requests, out.logits[:, -1], out.past_key_values, mask)
+
+
 class PromptReader:
-    """One prompt fed to the model `read(budget)` tokens at a time into a KV cache of its
-    own. A long prompt is thus read across several loop steps, so the batch keeps
-    decoding meanwhile, and no single step runs long enough to look like a wedged loop."""
+    """One prompt too long for a step's budget, fed to the model `read(budget)` tokens at a
+    time into a KV cache of its own. It is thus read across several loop steps, so the batch
+    keeps decoding meanwhile, and no single step runs long enough to look like a wedged loop."""
 
     def __init__(self, model: torch.nn.Module, request):
         self.model, self.request = model, request
@@ -28,12 +58,14 @@ class PromptReader:
     def done(self) -> bool:
         return self.tokens_read == len(self.request.prompt_ids)
 
-    def read(self, budget: int) -> int:
-        """Feed the next `budget` prompt tokens (fewer at the end); returns how many."""
+    def read(self, budget: int) -> None:
+        """Feed the next `budget` prompt tokens (fewer at the end)."""
         chunk = self.request.prompt_ids[self.tokens_read:self.tokens_read + budget]
         self.logits, self.cache = prefill(self.model, chunk, self.cache)
         self.tokens_read += len(chunk)
-        return len(chunk)
+
+    def rows(self) -> Rows:
+        return Rows([self.request], self.logits[None], self.cache, torch.ones(1, self.tokens_read, dtype=torch.long))
 
 
 class Batch:
@@ -46,18 +78,17 @@ class Batch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token, 0 = padding
 
-    def add(self, prompt: PromptReader) -> None:
-        """Merge a fully read prompt's cache in, as a new row."""
-        request, cache = prompt.request, prompt.cache
-        request.length = len(request.prompt_ids)
-        mask = torch.ones(1, request.length, dtype=torch.long)
+    def add(self, rows: Rows) -> None:
+        """Merge read prompts' caches in, as new rows."""
+        for request in rows.requests:
+            request.length = len(request.prompt_ids)
         if not self.requests:
-            self.cache, self.mask = cache, mask
+            self.cache, self.mask = rows.cache, rows.mask
         else:
-            width = max(self.mask.shape[1], request.length)
-            self.cache = _concat_rows(_pad_left(self.cache, width), _pad_left(cache, width))
-            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
-        self.requests.append(request)
+            width = max(self.mask.shape[1], rows.mask.shape[1])
+            self.cache = _concat_rows(_pad_left(self.cache, width), _pad_left(rows.cache, width))
+            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(rows.mask, width)])
+        self.requests += rows.requests
 
     def step(self) -> torch.Tensor:
         """Feed every request its last token; returns the next-token logits, one row each."""
@@ -77,10 +108,7 @@ class Batch:
             self.requests, self.cache, self.mask = [], None, None
             return
         rows = torch.tensor([self.requests.index(r) for r in kept])
-        mask = self.mask[rows]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # columns before it are padding in every row
-        self.mask = mask[:, start:]
-        self.cache = _map_cache(self.cache, lambda t: t[rows, :, start:])
+        self.cache, self.mask = _take_rows(self.cache, self.mask, rows)
         self.requests = kept
 
 
@@ -95,6 +123,13 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torc
     out = model(input_ids=tokens, position_ids=positions, attention_mask=mask,
                 past_key_values=cache, use_cache=True)
     return out.logits[:, -1], out.past_key_values
+
+
+def _take_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """The given rows, without the columns that are padding in every one of them."""
+    mask = mask[rows]
+    start = int((mask.sum(0) > 0).nonzero()[0])
+    return _map_cache(cache, lambda t: t[rows, :, start:]), mask[:, start:]
 
 
 def _map_cache(cache: DynamicCache, fn) -> DynamicCache:

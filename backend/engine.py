@@ -5,9 +5,10 @@ Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
 
 Inside, one decode loop per engine runs continuous (iteration-level) batching.
 At every step it admits waiting requests, reads up to `prefill_chunk` tokens of
-their prompts (each prompt into a KV cache of its own; one read to its end
-joins the batch), runs one forward pass that decodes a token for every running
-request, and retires finished and cancelled requests at once. So nobody waits
+their prompts (short ones together in one forward pass, a long one a chunk at a
+time; a prompt read to its end joins the batch), runs one forward pass that
+decodes a token for every running request, and retires finished and cancelled
+requests at once. So nobody waits
 for a partner, for the longest reply, or for a long prompt to be read. The loop
 reads top to bottom in `_run` -> `_admit` / `_read_prompts` / `Batch.step` ->
 `_advance`; the tensors live in `backend/batch.py`.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.batch import Batch, PromptReader
+from backend.batch import Batch, PromptReader, Rows, read_whole
 from backend.detokenizer import IncrementalDetokenizer
 from backend.errors import GenerationError
 from backend.model import LoadedModel, encode_chat
@@ -216,9 +217,7 @@ class Engine:
                     logits = batch.step()
                     batch.keep([r for r, row in zip(batch.requests, logits) if self._advance(r, row)])
             except Exception as exc:  # a failed forward pass fails the whole batch, not the loop
-                log.exception("Decode step failed")
-                for request in batch.requests:
-                    self._finish(request, _Finished("error", _failure(exc)))
+                self._fail(batch.requests, exc, "Decode step")
                 batch = Batch(self.loaded.model)
             with self._lock:
                 self._last_step = time.monotonic()
@@ -237,27 +236,43 @@ class Engine:
         return PromptReader(self.loaded.model, request)
 
     def _read_prompts(self, reading: collections.deque[PromptReader], batch: Batch) -> None:
-        """Read at most `prefill_chunk` prompt tokens in this step, oldest prompt first. A prompt
-        read to its end samples its first token and joins the batch."""
+        """Read at most `prefill_chunk` prompt tokens in this step, oldest prompt first: those
+        not yet started that fit whole go together in one forward pass; what is left of the
+        budget reads the next prompt a chunk further. Prompts read to their end join the batch."""
+        for prompt in [p for p in reading if p.request.generation.cancelled]:
+            reading.remove(prompt)
+            self._finish(prompt.request, _Finished("cancelled"))
         budget = self.limits.prefill_chunk
-        while reading and budget > 0:
-            prompt = reading[0]
-            request = prompt.request
-            if request.generation.cancelled:
-                reading.popleft()
-                self._finish(request, _Finished("cancelled"))
-                continue
+        whole = []
+        while reading and reading[0].tokens_read == 0 and len(reading[0].request.prompt_ids) <= budget:
+            budget -= len(reading[0].request.prompt_ids)
+            whole.append(reading.popleft().request)
+        if whole:
             try:
-                budget -= prompt.read(budget)
-            except Exception as exc:  # fails this request only
+                self._join(batch, read_whole(self.loaded.model, whole))
+            except Exception as exc:  # fails these requests only
+                self._fail(whole, exc, "Prefill")
+        if reading and budget > 0:
+            prompt = reading[0]
+            try:
+                prompt.read(budget)
+            except Exception as exc:
                 reading.popleft()
-                log.exception("Prefill of generation %d failed", request.generation.id)
-                self._finish(request, _Finished("error", _failure(exc)))
-                continue
+                return self._fail([prompt.request], exc, "Prefill")
             if prompt.done:
                 reading.popleft()
-                if self._advance(request, prompt.logits):
-                    batch.add(prompt)
+                self._join(batch, prompt.rows())
+
+    def _join(self, batch: Batch, rows: Rows) -> None:
+        """Sample each read prompt's first token; those that go on decoding join the batch."""
+        going_on = [self._advance(request, logits) for request, logits in zip(rows.requests, rows.logits)]
+        if any(going_on):
+            batch.add(rows.select(going_on))
+
+    def _fail(self, requests: list[_Request], exc: Exception, what: str) -> None:
+        log.exception("%s of generation(s) %s failed", what, [r.generation.id for r in requests])
+        for request in requests:
+            self._finish(request, _Finished("error", _failure(exc)))
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> bool:
         """Sample and stream the request's next token. Returns whether it goes on decoding."""

@@ -4,10 +4,13 @@ Textbot deployment builds on (submit, iterate pieces, cancel)."""
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from backend import model
+from backend.batch import PromptReader, read_whole
 from backend.engine import Engine, PromptTooLongError
 from backend.protocol import ChatMessage, ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings
@@ -117,15 +120,18 @@ def test_greedy_reply_is_the_same_alone_and_in_a_batch(engine):
         alone = [await one(prompt) for prompt in PROMPTS]
         # Staggered, so later requests join a batch that is already decoding.
         together = await asyncio.gather(*(one(prompt, delay=0.02 * i) for i, prompt in enumerate(PROMPTS)))
-        return alone, together
+        # At once, so their prompts are read together, left-padded in one forward pass.
+        at_once = await asyncio.gather(*(one(prompt) for prompt in PROMPTS))
+        return alone, together, at_once
 
     async def one(prompt, delay=0.0):
         await asyncio.sleep(delay)
         generation, pieces = await reply(engine, [ChatMessage(role="user", content=prompt)])
         return "".join(pieces), generation.completion_tokens
 
-    alone, together = asyncio.run(both())
+    alone, together, at_once = asyncio.run(both())
     assert together == alone
+    assert at_once == alone
     assert all(tokens > 0 for _, tokens in alone)
     assert engine.in_flight == 0 and engine.running == 0
 
@@ -238,3 +244,16 @@ def test_health_problem_reports_a_wedged_decode_loop(tiny_models):
     assert problem is not None and problem.startswith("The decode loop has finished no step for"), problem
     assert generation.completion_tokens == 20 and pieces  # once the step returns, the reply goes on
     assert engine.problem() in (None, "The decode loop is not running.")
+
+
+def test_prompts_read_together_give_each_the_logits_of_reading_it_alone(engine):
+    """Several prompts in one left-padded forward pass (what the loop does with short prompts
+    that arrive together): each row's next-token logits are those of its prompt read alone."""
+    requests = [SimpleNamespace(prompt_ids=engine.loaded.tokenizer.encode(p)) for p in PROMPTS]
+    with torch.inference_mode():
+        together = read_whole(engine.loaded.model, requests)
+        for request, logits in zip(requests, together.logits):
+            alone = PromptReader(engine.loaded.model, request)
+            alone.read(len(request.prompt_ids))
+            assert torch.allclose(logits, alone.logits, atol=1e-4), (request.prompt_ids, (logits - alone.logits).abs().max())
+    assert together.mask.sum(1).tolist() == [len(r.prompt_ids) for r in requests]
