@@ -44,9 +44,10 @@ def read_whole(model: torch.nn.Module, requests: list) -> Rows:
 
 
 class PromptReader:
-    """One prompt too long for a step's budget, fed to the model `read(budget)` tokens at a
-    time into a KV cache of its own. It is thus read across several loop steps, so the batch
-    keeps decoding meanwhile, and no single step runs long enough to look like a wedged loop."""
+    """An admitted prompt until it is read. A short one goes whole, with others, through
+    `read_whole`; one too long for a step's budget is fed `read(budget)` tokens at a time
+    into a KV cache of its own, across several loop steps, so the batch keeps decoding
+    meanwhile and no single step runs long enough to look like a wedged loop."""
 
     def __init__(self, model: torch.nn.Module, request):
         self.model, self.request = model, request
