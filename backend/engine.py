@@ -8,10 +8,9 @@ At every step it admits waiting requests, reads up to `prefill_chunk` tokens of
 their prompts (short ones together in one forward pass, a long one a chunk at a
 time; a prompt read to its end joins the batch), runs one forward pass that
 decodes a token for every running request, and retires finished and cancelled
-requests at once. So nobody waits
-for a partner, for the longest reply, or for a long prompt to be read. The loop
-reads top to bottom in `_run` -> `_admit` / `_read_prompts` / `Batch.step` ->
-`_advance`; the tensors live in `backend/batch.py`.
+requests at once. So nobody waits for a partner, for the longest reply, or for a
+long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
+`_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `backend/batch.py`.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def main() -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        stop(head)
+        stop_node(head)
 
 
 def wait_for_head(head: subprocess.Popen, metrics_port: int) -> None:
@@ -81,15 +81,16 @@ def wait_for_head(head: subprocess.Popen, metrics_port: int) -> None:
     sys.exit(f"Ray's head node did not open port {metrics_port} within {START_TIMEOUT_S} s.")
 
 
-def stop(head: subprocess.Popen) -> None:
-    """`ray start --block` stops its node's processes on SIGTERM."""
+def stop_node(node: subprocess.Popen) -> None:
+    """Stop a `ray start --block` started in a process group of its own: on SIGTERM it
+    stops its node's processes; SIGKILL if it has not within a minute."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(node.pid, signal.SIGTERM)
     try:
-        head.wait(60)
+        node.wait(60)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import contextlib
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import httpx
 import pytest
 import yaml
 
+from backend.launch import stop_node
 from tests.conftest import ROOT, app_config, free_port, load_deploy_config
 from tests.processes import kill_processes_mentioning, wait_for
 
@@ -36,16 +36,6 @@ def ray_node(*args: str, temp_dir: str, env: dict) -> subprocess.Popen:
                              f"--dashboard-agent-listen-port={free_port()}", *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-
-
-def stop(node: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGTERM)
-    try:
-        node.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait(10)
 
 
 def replicas_that_replied(log_dir: str) -> dict[str, int]:
@@ -73,7 +63,7 @@ def two_node_cluster(tiny_models):
         yield {"dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir, "worker": worker, "env": env}
     finally:
         for node in reversed(nodes):
-            stop(node)
+            stop_node(node)
         leftovers = kill_processes_mentioning(temp_dir)
         assert not leftovers, f"processes of the test cluster outlived it: {leftovers}"
 
@@ -110,7 +100,7 @@ def test_two_nodes_share_the_traffic_and_one_carries_on_alone(two_node_cluster, 
                         120, "replies from both replicas")
     print("replies per replica, both nodes up:", both)
 
-    stop(cluster["worker"])  # the worker node goes away, with its replica
+    stop_node(cluster["worker"])  # the worker node goes away, with its replica
     codes = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and codes[-5:] != [200] * 5:

@@ -46,27 +46,22 @@ def build_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
 
 def build_tiny_chat_model(folder: Path) -> Path:
     """A 2-layer Llama with a chat template and a 4096-token context (long replies to cancel)."""
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(CHATML)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    save(LlamaForCausalLM(config), tokenizer, folder)
-    return folder
+    return _chat_llama(folder, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 
 
 def build_slow_chat_model(folder: Path) -> Path:
     """A wider, 8-layer Llama (134 MB) with an 8192-token context: reading a 7700-token
     prompt in one forward pass takes 10-15 s on one core, for the wedged-loop test."""
+    return _chat_llama(folder, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192)
+
+
+def _chat_llama(folder: Path, **shape) -> Path:
     torch.manual_seed(0)
     tokenizer = build_tokenizer(CHATML)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
+    config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, **shape)
     save(LlamaForCausalLM(config), tokenizer, folder)
     return folder
 
