@@ -25,8 +25,8 @@ from ray.serve.handle import DeploymentHandle
 from backend.auth import BearerKeyMiddleware
 from backend.errors import RETRY_AFTER_S, APIError, GenerationError, install_error_handlers
 from backend.limits import install_body_limit
-from backend.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
-from backend.openai_serving import CompletionText, complete, sse_stream
+from backend.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from backend.openai.serving import CompletionText, complete, sse_stream
 from backend.protocol import ChatMessage, SamplingParams, check_text
 from backend.settings import TextbotSettings
 

@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
-from backend import model
 from backend.conversation import fit_to_context
-from backend.engine import Engine, EngineBusyError, Generation, PromptTooLongError
+from backend.engine import Engine, EngineBusyError, Generation, PromptTooLongError, load
 from backend.errors import RETRY_AFTER_S, APIError
 from backend.metrics import ReplyMetrics
 from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, check_text
@@ -29,7 +28,7 @@ _messages = TypeAdapter(list[ChatMessage])
 class Textbot:
     def __init__(self, settings: TextbotSettings):
         self.settings = settings
-        loaded = model.load(settings.model)
+        loaded = load(settings.model)
         self.engine = Engine(loaded, settings.engine, settings.model.torch_threads)
         self.metrics = ReplyMetrics()
 

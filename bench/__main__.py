@@ -101,7 +101,7 @@ def served_stack(args: argparse.Namespace, skipped: dict):
 @contextlib.contextmanager
 def llamacpp_server(model_args: dict):
     """llama-cpp-python's OpenAI server on the same GGUF file, on a free port."""
-    from backend import model as model_files
+    from backend.engine import loading as model_files
     from backend.settings import ModelSettings
 
     location = model_files.locate(ModelSettings.model_validate(model_args))
@@ -138,7 +138,7 @@ async def measure(name: str, stream, args, count_tokens) -> list[dict]:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    from backend import model
+    from backend.engine import loading as model
     from backend.engine import Engine
     from backend.settings import TextbotSettings
 

@@ -34,7 +34,7 @@ def transformers_client(loaded) -> Stream:
     per request, no batching between requests."""
     from transformers import TextIteratorStreamer
 
-    from backend.model import encode_chat
+    from backend.engine.prompt import encode_chat
     from backend.protocol import ChatMessage
 
     def generate(prompt: str, max_tokens: int) -> Iterator[str]:

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from backend import model
+from backend.engine import loading as model
 from backend.settings import ModelSettings, TextbotSettings
 from tests.conftest import ROOT, app_config, load_deploy_config
 

@@ -41,7 +41,7 @@ def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_p
     which must be the same model (same weights, same tokenizer, same context)."""
     import torch
 
-    from backend import model
+    from backend.engine import loading as model
     from backend.settings import ModelSettings
     from tests.conftest import app_config, load_deploy_config
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from backend.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from tests.tiny_models import CHATML, build_tokenizer
 
 TEXTS = [

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from backend import model
-from backend.batch import PromptReader, read_whole
+from backend.engine import loading as model
+from backend.engine.batch import PromptReader, read_whole
 from backend.engine import Engine, PromptTooLongError
 from backend.protocol import ChatMessage, ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings

@@ -10,7 +10,7 @@ time; a prompt read to its end joins the batch), runs one forward pass that
 decodes a token for every running request, and retires finished and cancelled
 requests at once. So nobody waits for a partner, for the longest reply, or for a
 long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
-`_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `backend/batch.py`.
+`_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `batch.py`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.batch import Batch, PromptReader, Rows, read_whole
-from backend.detokenizer import IncrementalDetokenizer
+from backend.engine.batch import Batch, PromptReader, Rows, read_whole
+from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.errors import GenerationError
-from backend.model import LoadedModel, encode_chat
+from backend.engine.loading import LoadedModel
+from backend.engine.prompt import encode_chat
+from backend.engine.sampling import sample
 from backend.protocol import ChatMessage, ResolvedSampling
 from backend.settings import EngineSettings
 
@@ -307,18 +309,3 @@ class Engine:
 
 def _failure(exc: Exception) -> GenerationError:
     return GenerationError(f"The model failed while generating ({type(exc).__name__}: {exc}).")
-
-
-def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling."""
-    if sampling.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
-        outside[0] = False  # a top_p below float32's smallest value rounds to 0 and would drop all
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=rng))

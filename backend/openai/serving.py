@@ -4,7 +4,7 @@ Server-Sent Event chunks, and the non-streaming completion."""
 import json
 from collections.abc import AsyncIterator
 from typing import Protocol
-from backend.openai_protocol import (
+from backend.openai.protocol import (
     CompletionHeader,
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Usage,
 )

@@ -1,4 +1,4 @@
-"""Finding and loading the causal LM, and turning a conversation into prompt tokens."""
+"""Finding and loading the causal LM."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from backend.protocol import ChatMessage
 from backend.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -191,19 +190,3 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
-
-
-def encode_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Prompt tokens for a conversation, ending where the assistant's reply starts.
-
-    Models with a chat template use it. Models without one (DialoGPT, GPT-2)
-    get DialoGPT's own training format: each turn's text followed by the EOS
-    token, system messages as plain leading text; the reply follows the last EOS.
-    """
-    plain = [m.model_dump() for m in messages]
-    if tokenizer.chat_template:
-        encoded = tokenizer.apply_chat_template(plain, add_generation_prompt=True, return_dict=True)
-        return list(encoded["input_ids"])
-    eos = tokenizer.eos_token or ""
-    text = "".join(m["content"] + eos for m in plain)
-    return tokenizer.encode(text, add_special_tokens=False)

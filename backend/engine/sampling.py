@@ -1,0 +1,22 @@
+"""Choosing the next token from a row of logits, with the request's own parameters and seed."""
+
+from __future__ import annotations
+
+import torch
+
+from backend.protocol import ResolvedSampling
+
+
+def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling."""
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
+        outside[0] = False  # a top_p below float32's smallest value rounds to 0 and would drop all
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=rng))
