@@ -35,7 +35,16 @@ class ModelSettings(_Strict):
     name: str | None = Field(
         None, description="Name the API reports for the model; derived from source when unset."
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    quantization: Literal["int4", "int8", "none"] = Field(
+        "int4",
+        description=("Weights: int4 runs a GGUF file's own 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0) weights on "
+                     "torch's int4 CPU kernel and quantises any other weight at load (4 bits in groups of "
+                     "32; the output layer 8 bits); int8 quantises each weight to 8 bits per output channel; "
+                     "none keeps float weights (float32: the reference the others are measured against)."),
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Activations, and the weights that are not quantised."
+    )
     cache_dir: str | None = Field(
         "~/.cache/textbot",
         description=("Where a GGUF model's converted weights are kept (safetensors), so that only the "

@@ -11,6 +11,7 @@ import torch
 
 from backend.engine import loading as model
 from backend.engine.batch import PromptReader, read_whole
+from backend.engine.prompt import encode_chat
 from backend.engine import Engine, PromptTooLongError
 from backend.protocol import ChatMessage, ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings
@@ -87,7 +88,7 @@ def test_models_without_chat_template_use_eos_separated_turns(tiny_models):
     tok = loaded.tokenizer
     conversation = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello"),
                     ChatMessage(role="user", content="How are you?")]
-    ids = model.encode_chat(tok, conversation)
+    ids = encode_chat(tok, conversation)
     assert tok.decode(ids) == "Hi<|endoftext|>Hello<|endoftext|>How are you?<|endoftext|>"
 
 

@@ -11,10 +11,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import accelerate
 import safetensors.torch
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from backend.engine.gguf_blocks import int4_weights
+from backend.engine.quant import quantize_model
 
 from backend.settings import ModelSettings
 
@@ -88,29 +92,26 @@ class LoadedModel:
 
 
 def load(settings: ModelSettings) -> LoadedModel:
+    """The model as the engine runs it: quantised as `model.quantization` says. A GGUF model's
+    converted form is cached on disk, so only its first start pays for the conversion."""
     location = locate(settings)
     started = time.monotonic()
     cache = _converted_cache(settings, location)
-    if cache and (cache / _COMPLETE).is_file():
-        log.info("Loading model %s from its converted copy in %s", settings.served_name, cache)
-        location = ModelLocation(str(cache))
-    else:
-        log.info("Loading model %s from %s%s", settings.served_name, location,
-                 " (de-quantising a GGUF file takes a while; later starts use a cache)" if cache else "")
-    kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
-        log.info("Tokenizer ready after %.1f s; loading weights", time.monotonic() - started)
-        model = AutoModelForCausalLM.from_pretrained(
-            location.path, dtype=getattr(torch, settings.dtype), **kwargs
-        )
+        if cache and (cache / _COMPLETE).is_file():
+            log.info("Loading model %s from its converted copy in %s", settings.served_name, cache)
+            tokenizer, model = _load_converted(cache, settings)
+        else:
+            log.info("Loading model %s from %s%s", settings.served_name, location,
+                     " (converting a GGUF file takes a while; later starts use a cache)" if cache else "")
+            tokenizer, model = _load_source(location, settings)
+            if cache:
+                _save_converted(model, tokenizer, cache)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load model {settings.source!r}: {exc}") from exc
-    model.eval()
-    log.info("Loaded %s in %.1f s", settings.served_name, time.monotonic() - started)
-    if cache and location.gguf_file:
-        _save_converted(model, tokenizer, cache)
-    if isinstance(head := model.get_output_embeddings(), torch.nn.Linear):
+    log.info("Loaded %s (%s weights, %s activations) in %.1f s", settings.served_name,
+             settings.quantization, settings.dtype, time.monotonic() - started)
+    if isinstance(head := model.get_output_embeddings(), torch.nn.Linear):  # not quantised
         model.set_output_embeddings(VocabProjection(head))
     return LoadedModel(
         name=settings.served_name,
@@ -119,6 +120,41 @@ def load(settings: ModelSettings) -> LoadedModel:
         context_length=_context_length(model.config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
     )
+
+
+def _load_source(location: ModelLocation, settings: ModelSettings):
+    kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, settings.dtype), **kwargs)
+    stored = None
+    if location.gguf_file and settings.quantization == "int4":
+        stored = int4_weights(str(Path(location.path, location.gguf_file)), model)
+    quantize_model(model, settings.quantization, stored)
+    return tokenizer, model.eval()
+
+
+def _load_converted(cache: Path, settings: ModelSettings):
+    """The cached model as it was saved: quantised layers are built empty and take the saved
+    tensors as they are (no conversion, no random initialisation of weights to overwrite)."""
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    with accelerate.init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache),
+                                                 dtype=getattr(torch, settings.dtype))
+    quantize_model(model, settings.quantization, empty=True)
+    state = safetensors.torch.load_file(cache / _WEIGHTS)
+    # An unquantised output layer tied to the embedding shares its tensor, saved once.
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, torch.nn.Linear):
+        module_names = {module: name for name, module in model.named_modules()}
+        tied = [f"{module_names[m]}.weight" for m in (model.get_input_embeddings(), head)]
+        if saved := next((name for name in tied if name in state), None):
+            state |= {name: state[saved] for name in tied}
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as exc:
+        raise ValueError(f"the converted copy in {cache} does not fit the model; delete that folder ({exc})") from exc
+    model.generation_config = GenerationConfig.from_pretrained(cache)
+    return tokenizer, model.eval()
 
 
 class VocabProjection(torch.nn.Module):
@@ -143,6 +179,7 @@ class VocabProjection(torch.nn.Module):
 
 
 _COMPLETE = "textbot-cache-complete"
+_WEIGHTS = "model.safetensors"
 
 
 def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
@@ -151,9 +188,11 @@ def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path |
         return None
     gguf = Path(location.path, location.gguf_file).resolve()
     stat = gguf.stat()
-    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{settings.dtype}|{transformers.__version__}"
+    # torch's version too: the int4 kernel's packed layout is its own.
+    key = (f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{settings.dtype}|{settings.quantization}|"
+           f"{transformers.__version__}|{torch.__version__}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.dtype}-{digest}"
+    return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.quantization}-{settings.dtype}-{digest}"
 
 
 def _save_converted(model, tokenizer, cache: Path) -> None:
@@ -167,7 +206,7 @@ def _save_converted(model, tokenizer, cache: Path) -> None:
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         # save_pretrained refuses a GGUF-loaded model; safetensors' save_model handles tied weights.
-        safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+        safetensors.torch.save_model(model, str(staging / _WEIGHTS))
         (staging / _COMPLETE).touch()
         staging.rename(cache)
         log.info("Saved the converted model to %s in %.1f s; later starts load it from there",
