@@ -222,7 +222,7 @@ def test_health_problem_reports_a_wedged_decode_loop(tiny_models):
     def hold(module, args) -> None:  # returns None: the forward pass gets its arguments unchanged
         release.wait(30)
 
-    hook = engine.loaded.model.register_forward_pre_hook(hold)
+    hook = engine.loaded.model.get_input_embeddings().register_forward_pre_hook(hold)  # every forward path
 
     async def wedge_then_release():
         generation = engine.submit(HELLO, GREEDY)

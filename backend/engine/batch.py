@@ -1,4 +1,5 @@
-"""The model side of continuous batching: prompts read into KV caches (short ones
+"""The model side of continuous batching through Hugging Face's forward, for any
+architecture (`slots.py` is the lean path for Llama's): prompts read into KV caches (short ones
 together in one forward pass, long ones a chunk at a time), and the batch of
 running requests that decodes one token each per forward pass. No scheduling
 here (that is `backend/engine.py`), only tensors.
@@ -73,7 +74,7 @@ class Batch:
     """The running requests and their KV cache, left-padded to one length so one
     forward pass decodes a token for each. `mask` marks each row's real tokens."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, rows: int | None = None):  # rows: the slot path's; caches grow here
         self.model = model
         self.requests: list = []
         self.cache: DynamicCache | None = None

@@ -10,7 +10,8 @@ time; a prompt read to its end joins the batch), runs one forward pass that
 decodes a token for every running request, and retires finished and cancelled
 requests at once. So nobody waits for a partner, for the longest reply, or for a
 long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
-`_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `batch.py`.
+`_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `slots.py`
+(the lean path for Llama models) or `batch.py` (any other, through Hugging Face's forward).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.engine.batch import Batch, PromptReader, Rows, read_whole
+from backend.engine import batch as generic_path, slots
 from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.errors import GenerationError
 from backend.engine.loading import LoadedModel
@@ -120,6 +121,9 @@ class Engine:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.limits = limits
+        # The tensors of batching: the lean slot path for the architectures it knows, else
+        # Hugging Face's forward. Both have read_whole, PromptReader, Batch and Rows.
+        self.path = slots if slots.supports(loaded.model) else generic_path
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
@@ -197,8 +201,8 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self) -> None:
-        batch = Batch(self.loaded.model)
-        reading: collections.deque[PromptReader] = collections.deque()  # admitted, prompt still being read
+        batch = self._new_batch()
+        reading: collections.deque = collections.deque()  # admitted, prompt still being read
         while True:
             with self._work:
                 while not (self._waiting or reading or batch.requests or self._stopped):
@@ -219,13 +223,16 @@ class Engine:
                     batch.keep([r for r, row in zip(batch.requests, logits) if self._advance(r, row)])
             except Exception as exc:  # a failed forward pass fails the whole batch, not the loop
                 self._fail(batch.requests, exc, "Decode step")
-                batch = Batch(self.loaded.model)
+                batch = self._new_batch()
             with self._lock:
                 self._last_step = time.monotonic()
         for request in [*batch.requests, *(prompt.request for prompt in reading), *self._waiting]:
             self._finish(request, _Finished("cancelled"))
 
-    def _admit(self, request: _Request) -> PromptReader | None:
+    def _new_batch(self):
+        return self.path.Batch(self.loaded.model, self.limits.max_running)
+
+    def _admit(self, request: _Request):
         sampling = request.generation.sampling
         if request.generation.cancelled:  # the client left while it waited
             self._finish(request, _Finished("cancelled"))
@@ -234,9 +241,9 @@ class Engine:
         request.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         request.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
         request.deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
-        return PromptReader(self.loaded.model, request)
+        return self.path.PromptReader(self.loaded.model, request)
 
-    def _read_prompts(self, reading: collections.deque[PromptReader], batch: Batch) -> None:
+    def _read_prompts(self, reading: collections.deque, batch) -> None:
         """Read at most `prefill_chunk` prompt tokens in this step, oldest prompt first: those
         not yet started that fit whole go together in one forward pass; what is left of the
         budget reads the next prompt a chunk further. Prompts read to their end join the batch."""
@@ -250,7 +257,7 @@ class Engine:
             whole.append(reading.popleft().request)
         if whole:
             try:
-                self._join(batch, read_whole(self.loaded.model, whole))
+                self._join(batch, self.path.read_whole(self.loaded.model, whole))
             except Exception as exc:  # fails these requests only
                 self._fail(whole, exc, "Prefill")
         if reading and budget > 0:
@@ -264,7 +271,7 @@ class Engine:
                 reading.popleft()
                 self._join(batch, prompt.rows())
 
-    def _join(self, batch: Batch, rows: Rows) -> None:
+    def _join(self, batch, rows) -> None:
         """Sample each read prompt's first token; those that go on decoding join the batch."""
         going_on = [self._advance(request, logits) for request, logits in zip(rows.requests, rows.logits)]
         if any(going_on):

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 GROUP = 32  # weights per scale and zero point: GGUF's block size, and one of the kernel's group sizes
+_PACKED_ROW_BLOCK = 64  # output rows the CPU packing interleaves together
 _INNER_K_TILES = 2  # the kernel's packing layout; fixed, since the packed tensors are cached on disk
 
 Quantization = Literal["int4", "int8", "none"]
@@ -180,3 +181,24 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
                 replacement = layer_class.quantize(child.weight.data, child.bias)
             setattr(parent, name, replacement)
 
+
+
+def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
+    """One layer computing the outputs of `layers` (same input) side by side, or None when they
+    cannot be joined. One call instead of several: fewer casts and less Python per step."""
+    if any(layer.bias is not None for layer in layers):
+        return None
+    if all(isinstance(layer, Int4Linear) and layer.halves == layers[0].halves
+           and layer.out_features % _PACKED_ROW_BLOCK == 0 for layer in layers):
+        fused = Int4Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                           halves=layers[0].halves)
+        # The kernel packs output rows in blocks of 64, so whole blocks concatenate (checked:
+        # tests/test_quant.py; layers of other sizes stay apart).
+        fused.packed = torch.cat([layer.packed for layer in layers])
+        fused.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
+        return fused
+    if all(type(layer) is torch.nn.Linear for layer in layers):
+        fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False)
+        fused.weight = torch.nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        return fused
+    return None

@@ -13,7 +13,8 @@ def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generato
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        # Stable: among equal probabilities the lowest id first, as argmax (greedy) picks.
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
         # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
         outside[0] = False  # a top_p below float32's smallest value rounds to 0 and would drop all

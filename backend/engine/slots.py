@@ -1,0 +1,254 @@
+"""The lean decode path for Llama-architecture models (the default SmolLM2 among them):
+the model's forward pass written out over a KV cache of preallocated slots.
+
+Why not the Hugging Face forward with a DynamicCache (`batch.py`, still used for other
+architectures): each decode step there concatenates every layer's whole cache to append
+one column, re-pads caches on every admission, and spends about a third of a step in
+Python around the ops (profiled: docs/BENCHMARKS.md). Here:
+
+- `KV` holds, per layer, keys and values for `rows` sequences in one preallocated
+  tensor [rows, kv_heads, capacity, head_dim] (capacity grows by doubling). Each row
+  keeps its own length; a step writes one column per row in place.
+- Decoding rows sit in rows 0..n-1, so attention reads a view, never a gathered copy.
+  A retired row's place is filled by moving rows up, once, at retirement.
+- One function, `forward`, serves prompts and decode steps alike: queries at given
+  positions attend to every cached column at or before their own position.
+
+The same weights and modules as the Hugging Face model (quantised linear layers
+included), so both paths give the same logits up to float rounding (tested).
+Same interface as `batch.py`: `read_whole`, `PromptReader`, `Batch`, `Rows`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from backend.engine.quant import fuse
+
+
+def supports(model: torch.nn.Module) -> bool:
+    config = model.config
+    return getattr(config, "model_type", None) == "llama" and getattr(config, "hidden_act", None) == "silu"
+
+
+class KV:
+    """Keys and values of `rows` sequences, each layer one tensor with room to grow."""
+
+    def __init__(self, model: torch.nn.Module, rows: int, capacity: int = 256):
+        config = model.config
+        self.shape = (rows, config.num_key_value_heads, capacity, _head_dim(config))
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.keys = [torch.zeros(self.shape, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(self.shape, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def make_room(self, columns: int) -> None:
+        """Grow (doubling) until `columns` columns fit; the old contents are kept."""
+        if columns <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < columns:
+            capacity *= 2
+        self.shape = (*self.shape[:2], capacity, self.shape[3])
+        grow = lambda t: F.pad(t, (0, 0, 0, capacity - t.shape[2]))  # noqa: E731
+        self.keys, self.values = list(map(grow, self.keys)), list(map(grow, self.values))
+
+    def copy_row(self, source: KV, source_row: int, row: int, length: int) -> None:
+        self.make_room(length)
+        for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+            for layer, other in zip(mine, theirs):
+                layer[row, :, :length] = other[source_row, :, :length]
+
+    def move_rows(self, rows: torch.Tensor, length: int) -> None:
+        """Rows `rows` become rows 0..len(rows)-1 (the first `length` columns)."""
+        for layer in (*self.keys, *self.values):
+            layer[:len(rows), :, :length] = layer[rows, :, :length]
+
+
+def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: torch.Tensor,
+            last: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `tokens` [rows, t] at `positions` [rows, t] through the model, writing their keys
+    and values into rows 0..rows-1 of `kv` at those positions. Returns the logits of the
+    last position of each row ([rows, vocab]), or of position `last[row]` if given."""
+    llama, layers = model.model, _fused_layers(model)
+    rows, width = tokens.shape
+    length = int(positions.max()) + 1
+    kv.make_room(length)
+    cos, sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
+    # A query sees the cached columns at or before its own position.
+    visible = (torch.arange(length) <= positions[..., None])[:, None]  # [rows, 1, t, length]
+    row_index = torch.arange(rows)[:, None]
+    hidden = llama.embed_tokens(tokens)
+    for layer, keys, values in zip(layers, kv.keys, kv.values):
+        q, k, v = layer.qkv(layer.norm(hidden, layer.input_norm)).split(layer.qkv_sizes, dim=-1)
+        q, k, v = (t.view(rows, width, -1, layer.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        # keys[row, :, position] = k[row, :, i] for each row and its i-th position
+        keys[row_index, :, positions] = k.transpose(1, 2)
+        values[row_index, :, positions] = v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys[:rows, :, :length], values[:rows, :, :length],
+                                             attn_mask=visible, scale=layer.scale, enable_gqa=True)
+        hidden = hidden + layer.o_proj(out.transpose(1, 2).reshape(rows, width, -1))
+        gate, up = layer.gate_up(layer.norm(hidden, layer.post_norm)).chunk(2, dim=-1)
+        hidden = hidden + layer.down_proj(F.silu(gate) * up)
+    hidden = hidden[:, -1] if last is None else hidden[torch.arange(rows), last]
+    return model.lm_head(F.rms_norm(hidden, hidden.shape[-1:], llama.norm.weight, llama.norm.variance_epsilon))
+
+
+@dataclass
+class _Layer:
+    """A decoder layer's parts as `forward` calls them: q, k and v in one matmul, gate and up in another."""
+
+    qkv: torch.nn.Module
+    qkv_sizes: list[int]
+    o_proj: torch.nn.Module
+    gate_up: torch.nn.Module
+    down_proj: torch.nn.Module
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    head_dim: int
+    scale: float
+
+    @staticmethod
+    def norm(x: torch.Tensor, rms: torch.nn.Module) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], rms.weight, rms.variance_epsilon)
+
+
+def _fused_layers(model: torch.nn.Module) -> list[_Layer]:
+    """Built once per model and kept on it; the originals stay in place for the generic path."""
+    if (layers := getattr(model, "_textbot_fused_layers", None)) is None:
+        layers = [_fuse_layer(layer) for layer in model.model.layers]
+        model._textbot_fused_layers = layers
+    return layers
+
+
+def _fuse_layer(layer: torch.nn.Module) -> _Layer:
+    attention, mlp = layer.self_attn, layer.mlp
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+    qkv = fuse(projections) or _Side(projections)
+    gate_up = fuse([mlp.gate_proj, mlp.up_proj]) or _Side([mlp.gate_proj, mlp.up_proj])
+    return _Layer(qkv, [p.out_features for p in projections], attention.o_proj, gate_up, mlp.down_proj,
+                  layer.input_layernorm, layer.post_attention_layernorm, attention.head_dim, attention.scaling)
+
+
+class _Side(torch.nn.Module):
+    """Layers that cannot be fused, called one by one, their outputs side by side."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+def _rotary_tables(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position of the context, [positions, head_dim], computed once
+    by the model's own rotary embedding (so its scaling variants hold)."""
+    if (tables := getattr(model, "_textbot_rotary", None)) is None:
+        llama = model.model
+        positions = torch.arange(model.config.max_position_embeddings)[None]
+        cos, sin = llama.rotary_emb(llama.embed_tokens.weight[:1], positions)
+        tables = model._textbot_rotary = (cos[0], sin[0])
+    return tables
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Rows:
+    """Prompts read to their end: their requests, next-token logits (a row each), and their
+    keys and values in rows 0..n-1 of `kv`, request i's first `len(prompt_ids)` columns."""
+
+    requests: list
+    logits: torch.Tensor
+    kv: KV
+
+    def select(self, kept: list[bool]) -> Rows:
+        rows = torch.tensor([i for i, keep in enumerate(kept) if keep])
+        requests = [r for r, keep in zip(self.requests, kept) if keep]
+        self.kv.move_rows(rows, max(len(r.prompt_ids) for r in requests))
+        return Rows(requests, self.logits[rows], self.kv)
+
+
+def read_whole(model: torch.nn.Module, requests: list) -> Rows:
+    """Several prompts in one forward pass, right-padded to the longest: a padded row writes
+    columns past its prompt, which its first decode step overwrites before any query reads them."""
+    width = max(len(r.prompt_ids) for r in requests)
+    tokens = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in requests])
+    kv = KV(model, len(requests), capacity=width)
+    last = torch.tensor([len(r.prompt_ids) - 1 for r in requests])
+    logits = forward(model, kv, tokens, torch.arange(width).expand(len(requests), width), last)
+    return Rows(requests, logits, kv)
+
+
+class PromptReader:
+    """A prompt too long for one step's budget, read `read(budget)` tokens at a time into a
+    KV row of its own, across several loop steps (the batch decodes on meanwhile)."""
+
+    def __init__(self, model: torch.nn.Module, request):
+        self.model, self.request = model, request
+        self.kv = KV(model, 1)
+        self.tokens_read = 0
+        self.logits: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.tokens_read == len(self.request.prompt_ids)
+
+    def read(self, budget: int) -> None:
+        chunk = self.request.prompt_ids[self.tokens_read:self.tokens_read + budget]
+        positions = torch.arange(self.tokens_read, self.tokens_read + len(chunk))[None]
+        self.logits = forward(self.model, self.kv, torch.tensor([chunk]), positions)[0]
+        self.tokens_read += len(chunk)
+
+    def rows(self) -> Rows:
+        return Rows([self.request], self.logits[None], self.kv)
+
+
+class Batch:
+    """The running requests, request i in KV row i, each at its own length."""
+
+    def __init__(self, model: torch.nn.Module, rows: int = 8):
+        self.model = model
+        self.requests: list = []
+        self.kv = KV(model, rows)
+
+    def add(self, rows: Rows) -> None:
+        for i, request in enumerate(rows.requests):
+            request.length = len(request.prompt_ids)
+            if len(self.requests) == self.kv.shape[0]:
+                raise RuntimeError("more running requests than KV rows")
+            self.kv.copy_row(rows.kv, i, len(self.requests), request.length)
+            self.requests.append(request)
+
+    def step(self) -> torch.Tensor:
+        """Feed every request its last token; returns the next-token logits, one row each."""
+        tokens = torch.tensor([[r.next_token] for r in self.requests])
+        positions = torch.tensor([[r.length] for r in self.requests])
+        logits = forward(self.model, self.kv, tokens, positions)
+        for request in self.requests:
+            request.length += 1
+        return logits
+
+    def keep(self, kept: list) -> None:
+        """Retire every request not in `kept`; the others move up to rows 0..len(kept)-1."""
+        if len(kept) == len(self.requests):
+            return
+        if kept:
+            rows = torch.tensor([self.requests.index(r) for r in kept])
+            self.kv.move_rows(rows, max(r.length for r in kept))
+        self.requests = kept

@@ -1,0 +1,79 @@
+"""The quantised layers against the float weights they stand for, and the lean slot path
+against Hugging Face's forward on the same model."""
+
+import pytest
+import torch
+
+from backend.engine import slots
+from backend.engine.loading import load
+from backend.engine.quant import GROUP, Int4Linear, fuse, split_8bit
+from backend.settings import ModelSettings
+
+
+def _bf16_input() -> torch.Tensor:
+    # The kernels take bfloat16 activations: compare on inputs that bfloat16 holds exactly.
+    return torch.randn(3, 128).to(torch.bfloat16).float()
+
+
+def test_int4_codes_are_used_as_they_are():
+    codes = torch.randint(0, 16, (64, 128))
+    scale, zero = torch.rand(64, 128 // GROUP) / 8, torch.randn(64, 128 // GROUP) / 8
+    scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()  # stored in bfloat16
+    weight = ((codes - 8).reshape(64, -1, GROUP) * scale[..., None] + zero[..., None]).reshape(64, 128)
+    x = _bf16_input()
+    torch.testing.assert_close(Int4Linear.from_codes(codes, scale, zero)(x), x @ weight.T, rtol=2e-2, atol=2e-2)
+
+
+def test_8bit_codes_split_in_two_4bit_halves_are_exact():
+    codes = torch.randint(-127, 128, (32, 128))
+    scale = (torch.rand(32, 128 // GROUP) / 64).to(torch.bfloat16).float()
+    high_low, scales, zeros = split_8bit(codes, scale)
+    assert int(high_low.min()) >= 0 and int(high_low.max()) <= 15
+    weight = (codes.reshape(32, -1, GROUP) * scale[..., None]).reshape(32, 128)
+    x = _bf16_input()
+    layer = Int4Linear.from_codes(high_low, scales, zeros, halves=2)
+    torch.testing.assert_close(layer(x), x @ weight.T, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_layers_give_the_outputs_side_by_side():
+    layers = [Int4Linear.quantize(torch.randn(n, 128)) for n in (128, 64, 64)]
+    x = _bf16_input()
+    torch.testing.assert_close(fuse(layers)(x), torch.cat([layer(x) for layer in layers], dim=-1))
+    # Packed rows interleave in blocks of 64: layers of other sizes are not joined.
+    assert fuse([Int4Linear.quantize(torch.randn(n, 128)) for n in (64, 32, 32)]) is None
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
+    """The same layers, so the two paths differ by float rounding only: a prompt read whole, read
+    in chunks, and then decoded in a batch with a shorter prompt beside it."""
+    loaded = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization=quantization))
+    model = loaded.model
+    assert slots.supports(model)
+    long, short = list(range(5, 40)), list(range(7, 19))
+    with torch.inference_mode():
+        reference = [model(input_ids=torch.tensor([ids])).logits[0, -1] for ids in (long, short)]
+        kv = slots.KV(model, 1, capacity=4)  # small: it must grow as the chunks arrive
+        for start in range(0, len(long), 10):
+            chunk = long[start:start + 10]
+            logits = slots.forward(model, kv, torch.tensor([chunk]), torch.arange(start, start + len(chunk))[None])
+        torch.testing.assert_close(logits[0], reference[0], rtol=1e-4, atol=1e-4)
+
+        class Request:
+            def __init__(self, ids):
+                self.prompt_ids, self.next_token = ids, 3
+        requests = [Request(long), Request(short)]
+        rows = slots.read_whole(model, requests)  # the short one right-padded
+        for row, expected in zip(rows.logits, reference):
+            torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)
+        batch = slots.Batch(model, rows=4)
+        batch.add(rows)
+        stepped = batch.step()
+        for row, ids in zip(stepped, (long, short)):
+            alone = model(input_ids=torch.tensor([ids + [3]])).logits[0, -1]
+            torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-4)
+        batch.keep([requests[1]])  # the long one retires; the short one moves up to row 0
+        requests[1].next_token = 4
+        after = batch.step()[0]
+        torch.testing.assert_close(after, model(input_ids=torch.tensor([short + [3, 4]])).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
