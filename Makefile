@@ -14,12 +14,18 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test bench clean
 
 # Serves deploy.yaml on a Ray head node of its own, whose Prometheus exporter is at
-# http://127.0.0.1:$(METRICS_PORT)/metrics; Ctrl-C stops both (backend/launch.py).
+# http://127.0.0.1:$(METRICS_PORT)/metrics; Ctrl-C (or SIGTERM) stops both and leaves
+# no trace a later Ray start would follow (backend/launch.py). Ports in use stop it at
+# once; move them with e.g. `make run HTTP_PORT=8001 METRICS_PORT=8081 RAY_PORT=6380`.
+# HTTP_PORT empty: deploy.yaml's http_options.port (8000). RAY_PORT: the head's GCS.
 # RAY_FLAGS go to `ray start`, e.g. RAY_FLAGS=--temp-dir=/tmp/textbot.
+HTTP_PORT :=
 METRICS_PORT := 8080
+RAY_PORT := 6379
 RAY_FLAGS :=
 run: $(VENV)/.installed
-	$(PY) -m backend.launch --metrics-port=$(METRICS_PORT) $(RAY_FLAGS) deploy.yaml
+	$(PY) -m backend.launch $(if $(HTTP_PORT),--http-port=$(HTTP_PORT)) --metrics-port=$(METRICS_PORT) \
+		--ray-port=$(RAY_PORT) $(RAY_FLAGS) deploy.yaml
 
 test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest

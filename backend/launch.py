@@ -1,12 +1,13 @@
 """`make run`: a Ray head node of our own, with its Prometheus exporter on
---metrics-port, deploy.yaml served onto it by `serve run`, and that node, and only
-that node, stopped when serving ends (Ctrl-C, or SIGTERM from a process manager).
+--metrics-port, deploy.yaml served onto it by `serve run` (on --http-port), and that
+node, and only that node, stopped when serving ends (Ctrl-C, or SIGTERM from a process
+manager). It leaves nothing behind that changes what a later Ray start does.
 
 Why not `serve run` alone: the Ray it starts cannot be asked for a metrics port.
 Why not `ray start --head` ... `ray stop`: `ray stop` stops every Ray node on the
 machine, someone else's test session included.
 
-    python -m backend.launch [--metrics-port 8080] [--ray-port 6379] [ray start flags] deploy.yaml
+    python -m backend.launch [--http-port 8000] [--metrics-port 8080] [--ray-port 6379] [ray start flags] deploy.yaml
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120
@@ -29,11 +33,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Other flags are passed to `ray start`, e.g. --temp-dir=/tmp/mine.")
     parser.add_argument("config", help="the Serve config file to serve, e.g. deploy.yaml")
+    parser.add_argument("--http-port", type=int, help="Serve's HTTP port (default: the config's http_options.port)")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus exporter (default 8080)")
     parser.add_argument("--ray-port", type=int, default=6379, help="the head node's GCS port (default 6379)")
     args, ray_flags = parser.parse_known_args()
     if not Path(args.config).is_file():
         parser.error(f"no Serve config at {args.config}")
+    config = yaml.safe_load(Path(args.config).read_text())
+    http_options = config.setdefault("http_options", {})
+    http_host = http_options.get("host", "127.0.0.1")  # Serve's defaults
+    http_port = args.http_port or http_options.get("port", 8000)
+
+    # Before anything starts: a second `make run` would otherwise end in a Ray traceback.
+    wanted = [(http_port, "HTTP", http_host), (args.metrics_port, "METRICS", ""), (args.ray_port, "RAY", "")]
+    if taken := [(port, what) for port, what, host in wanted if not port_is_free(host, port)]:
+        sys.exit(ports_taken_sentence(taken))
+
+    served_config = args.config
+    if http_port != http_options.get("port", 8000):
+        # `serve run` takes the port from the config file only: serve a copy with it replaced.
+        http_options["port"] = http_port
+        with tempfile.NamedTemporaryFile("w", prefix="textbot-serve-", suffix=".yaml", delete=False) as copy:
+            yaml.safe_dump(config, copy, sort_keys=False)
+        served_config = copy.name
 
     if "RAY_AUTH_MODE" not in os.environ:
         # Ray 2.60's head turns token auth on when it finds a token (~/.ray/auth_token), but a
@@ -41,6 +63,8 @@ def main() -> int:
         # so. Say it once, for both; with a token made if there is none, as ray.init() does.
         subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL)
         os.environ["RAY_AUTH_MODE"] = "token"
+    address_file = ray_address_file(ray_flags)
+    address_before = read_text(address_file)
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--disable-usage-stats",
                              f"--port={args.ray_port}", f"--metrics-export-port={args.metrics_port}", *ray_flags],
                             # Its own group: Ctrl-C is for `serve run`, then we stop the node. No drain
@@ -60,12 +84,99 @@ def main() -> int:
     try:
         wait_for_head(head, args.metrics_port)
         print(f"Ray's metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-        serving = subprocess.Popen([BIN / "serve", "run", "--address", f"127.0.0.1:{args.ray_port}", args.config])
+        serving = subprocess.Popen([BIN / "serve", "run", "--address", f"127.0.0.1:{args.ray_port}", served_config])
         return serving.wait()
     except KeyboardInterrupt:
         return 130
     finally:
+        # A second Ctrl-C while the node stops must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_node(head)
+        forget_node(address_file, args.ray_port, address_before)
+        if served_config != args.config:
+            Path(served_config).unlink(missing_ok=True)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port (host "" is every interface). SO_REUSEADDR as
+    servers set it: connections of a server that just stopped (TIME_WAIT) do not count."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def ports_taken_sentence(taken: list[tuple[int, str]]) -> str:
+    """One sentence: the ports in use and the command that moves them, e.g. "Port 8000 is already
+    in use (is another `make run` serving?); stop it or choose another: make run HTTP_PORT=8001"."""
+    names = {"HTTP": "HTTP", "METRICS": "metrics", "RAY": "Ray's GCS"}
+    used = {port for port, _ in taken}
+    moves = []
+    for port, what in taken:
+        other = port + 1
+        while other in used or not port_is_free("", other):
+            other += 1
+        used.add(other)
+        # Under make (it sets MAKELEVEL) the Makefile's variables, else this module's flags.
+        moves.append(f"{what}_PORT={other}" if "MAKELEVEL" in os.environ
+                     else f"--{what.lower()}-port={other}")
+    ports = [f"{port} ({names[what]})" for port, what in taken]
+    listed = ports[0] if len(ports) == 1 else ", ".join(ports[:-1]) + " and " + ports[-1]
+    command = "make run" if "MAKELEVEL" in os.environ else "python -m backend.launch"
+    return (f"Port{'s' if len(ports) > 1 else ''} {listed} {'are' if len(ports) > 1 else 'is'} already in use "
+            f"(is another `make run` serving?); stop it or choose "
+            f"{'others' if len(ports) > 1 else 'another'}: {command} {' '.join(moves)}")
+
+
+def ray_address_file(ray_flags: list[str]) -> Path:
+    """Where `ray start --head` records its address for later `ray.init()` calls without one
+    (Ray's ray_current_cluster file): in --temp-dir if given, else in Ray's default temp dir."""
+    from ray._common.utils import get_ray_address_file
+
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--temp-dir")
+    return Path(get_ray_address_file(flags.parse_known_args(ray_flags)[0].temp_dir))
+
+
+def read_text(path: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    return None
+
+
+def forget_node(address_file: Path, ray_port: int, address_before: str | None) -> None:
+    """After our node has stopped: a ray_current_cluster file naming it would make the next
+    `ray.init()` without an address try to join that dead node (and refuse num_cpus). It names our
+    node if it names our GCS port: that port was free when we started and ours until now. Then the
+    file goes, or gets back the address it held before if that node still answers; written since
+    by another node (`ray start` elsewhere), it stays as it is.
+
+    Ray's session_latest link stays: it points at the session that just ended, whose logs
+    (logs/serve/, the README's place for request logs) are what one reads after a stop, and no
+    Ray start reads it (each new node points it at its own session): removing it would only hide
+    those logs. The same for prom_metrics_service_discovery.json, a link into that session for
+    Prometheus: it lists the stopped node's exporter, which is no longer there, and the next head
+    node replaces it."""
+    address = read_text(address_file)
+    if not address or address.rpartition(":")[2] != str(ray_port):
+        return
+    if address_before and address_before != address and answers(address_before):
+        address_file.write_text(address_before)
+    else:
+        address_file.unlink(missing_ok=True)
+
+
+def answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def wait_for_head(head: subprocess.Popen, metrics_port: int) -> None:

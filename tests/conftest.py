@@ -116,6 +116,16 @@ def serve_config(tiny_models) -> dict:
     return config
 
 
+def start_local_ray(**options):
+    """The test session's Ray: always a new local cluster of its own. ray.init() without an
+    address would join whatever the machine points it at (RAY_ADDRESS, or the ray_current_cluster
+    file a `ray start` such as `make run`'s leaves, even for a node long dead) and refuse
+    num_cpus there; address="local" ignores both."""
+    import ray
+
+    return ray.init(address="local", **options)
+
+
 @pytest.fixture(scope="session")
 def serve_instance(serve_config, metrics_port):
     import ray
@@ -124,8 +134,8 @@ def serve_instance(serve_config, metrics_port):
     from ray.serve.schema import ServeDeploySchema
 
     # Ray's Prometheus exporter, as `make run` starts it (there on port 8080).
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING",
-             _metrics_export_port=metrics_port)
+    start_local_ray(num_cpus=8, include_dashboard=False, logging_level="WARNING",
+                    _metrics_export_port=metrics_port)
     client = serve_api.serve_start(http_options=serve_config["http_options"])
     client.deploy_apps(ServeDeploySchema.model_validate(serve_config))
     wait_until_running([app["name"] for app in serve_config["applications"] if app["name"] != "broken"],
