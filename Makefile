@@ -30,9 +30,14 @@ run: $(VENV)/.installed
 test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest
 
-# Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one.
-bench: $(VENV)/.test-installed
+# Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one. Measures
+# llama.cpp's server on the same GGUF beside it, which the first run builds (about 7 minutes).
+bench: $(VENV)/.bench-installed
 	$(PY) -m bench
+
+$(VENV)/.bench-installed: $(VENV)/.test-installed requirements-bench.txt
+	$(PIP) install -r requirements-bench.txt
+	touch $@
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)

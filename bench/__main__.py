@@ -1,6 +1,7 @@
 """`python -m bench`: stream greedy replies at several concurrencies through every
-path (in-process engine, plain transformers, the HTTP routes, the chat page,
-llama.cpp when installed) and write docs/BENCHMARKS.md with the results.
+path (in-process engine, plain transformers, the HTTP routes, the chat page, and
+llama.cpp's server on the same GGUF as the peer: `make bench` installs it) and write
+docs/BENCHMARKS.md with the results.
 
 The served targets use a running `make run` stack at --url; if none answers,
 the benchmark starts `serve run deploy.yaml` itself and stops it at the end.
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-path", default="/", help="chat page's route prefix")
     parser.add_argument("--model", help="model source for the in-process targets (default: deploy.yaml's)")
     parser.add_argument("--no-start", action="store_true", help="never start a stack; skip served targets instead")
+    parser.add_argument("--llamacpp-threads", type=int, nargs="+",
+                        help="llama.cpp server threads, one server and one set of rows each (default: the "
+                             "Textbot model replica's CPUs in deploy.yaml, then every core)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where BENCHMARKS.md goes")
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -54,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
     if min(args.concurrency) < 1 or args.max_tokens < 1 or args.requests_per_client < 1:
         parser.error("--concurrency, --max-tokens and --requests-per-client must be at least 1")
+    if args.llamacpp_threads and min(args.llamacpp_threads) < 1:
+        parser.error("--llamacpp-threads must be at least 1")
     return args
 
 
@@ -98,31 +105,76 @@ def served_stack(args: argparse.Namespace, skipped: dict):
             process.wait(60)
 
 
-@contextlib.contextmanager
-def llamacpp_server(model_args: dict):
-    """llama-cpp-python's OpenAI server on the same GGUF file, on a free port."""
-    from backend.engine import loading as model_files
-    from backend.settings import ModelSettings
+LLAMACPP_MISSING = ("llama-cpp-python is not installed: `make bench` installs it (requirements-bench.txt; "
+                    "it compiles llama.cpp for this CPU, about 7 minutes on 2 cores, once)")
 
-    location = model_files.locate(ModelSettings.model_validate(model_args))
+
+def llamacpp_runs(requested: list[int] | None, textbot_threads: int) -> dict[str, int]:
+    """Result name -> llama.cpp threads. By default `llamacpp` has the torch threads of a
+    Textbot model replica (its CPUs in deploy.yaml), like for like; `llamacpp-<n>t` then has
+    every core. The first of --llamacpp-threads otherwise."""
+    threads = requested or [textbot_threads, os.cpu_count() or 1]
+    return {("llamacpp" if n == threads[0] else f"llamacpp-{n}t"): n for n in dict.fromkeys(threads)}
+
+
+def llamacpp_command(gguf: Path, port: int, threads: int) -> list[str]:
+    # n_threads_batch too (prompts), else llama-cpp-python uses every core for it; and no
+    # interrupt_requests, whose default cuts a running reply short when another request comes.
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+            "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+            "--interrupt_requests", "false"]
+
+
+@contextlib.contextmanager
+def llamacpp_server(gguf: Path, threads: int):
+    """llama-cpp-python's OpenAI server on the same GGUF file, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(Path(location.path, location.gguf_file)),
-               "--port", str(port), "--n_threads", str(os.cpu_count())]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            time.sleep(1)
-        yield url.removesuffix("/v1")
-    finally:
-        process.terminate()
-        process.wait(30)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(llamacpp_command(gguf, port, threads), stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                        break
+                time.sleep(1)
+            else:
+                log.seek(0)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
+                state = "did not answer within 120 s" if process.poll() is None else f"exited ({process.returncode})"
+                raise RuntimeError(f"llama_cpp.server {state}: {' / '.join(tail)}")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def measure_llamacpp(args, model_settings, textbot_threads: int, count_tokens, results: dict,
+                           skipped: dict) -> dict[str, int]:
+    from backend.engine import loading as model_files
+
+    runs = llamacpp_runs(args.llamacpp_threads, textbot_threads)
+    location = model_files.locate(model_settings)
+    if importlib.util.find_spec("llama_cpp") is None:
+        skipped["llamacpp"] = LLAMACPP_MISSING
+    elif not location.gguf_file:
+        skipped["llamacpp"] = f"the model ({model_settings.source}) is not a GGUF file, which llama.cpp needs"
+    else:
+        for name, threads in runs.items():
+            try:
+                with llamacpp_server(Path(location.path, location.gguf_file), threads) as url:
+                    async with httpx.AsyncClient(timeout=600) as client:
+                        results[name] = await measure(name, openai_client(url, client), args, count_tokens)
+            except RuntimeError as error:
+                skipped[name] = str(error)
+    return runs
 
 
 async def measure(name: str, stream, args, count_tokens) -> list[dict]:
@@ -172,20 +224,19 @@ async def run(args: argparse.Namespace) -> dict:
                         results[target] = await measure(target, clients[target](), args, count_tokens)
                     else:
                         skipped.setdefault(target, f"no stack answered at {api}")
+    llamacpp = {}
     if "llamacpp" in args.targets:
-        if importlib.util.find_spec("llama_cpp") is None:
-            skipped["llamacpp"] = "llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')"
-        else:
-            with llamacpp_server(settings.model.model_dump()) as url:
-                async with httpx.AsyncClient(timeout=600) as client:
-                    results["llamacpp"] = await measure("llamacpp", openai_client(url, client), args, count_tokens)
+        llamacpp = await measure_llamacpp(args, settings.model, settings.model.torch_threads or threads,
+                                          count_tokens, results, skipped)
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(),
         "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": settings.model.source,
                      "dtype": settings.model.dtype, "max_tokens": args.max_tokens,
-                     "requests_per_client": args.requests_per_client, "concurrency": args.concurrency},
+                     "requests_per_client": args.requests_per_client, "concurrency": args.concurrency,
+                     "textbot_threads": settings.model.torch_threads or threads,
+                     "llamacpp_threads": llamacpp},
         "results": results,
         "skipped": skipped,
     }

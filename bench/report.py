@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -19,25 +20,77 @@ TITLES = {
     "llamacpp": "(f) llama-cpp-python OpenAI server, same GGUF",
 }
 
+# The CPU features the kernels of torch and llama.cpp pick their code paths by, in this order.
+CPU_FLAGS = ["sse4_2", "avx", "fma", "f16c", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+             "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+             "amx_fp16", "neon", "asimd", "sve"]
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and which of CPU_FLAGS it has (Linux's /proc/cpuinfo)."""
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return cpu or platform.processor(), [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
 
 def machine() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, flags = cpu_info()
     try:
         memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         memory_gb = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": memory_gb, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": flags, "memory_gb": memory_gb,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "llama_cpp_python": package_version("llama-cpp-python"),
+            "platform": platform.platform()}
+
+
+def title(target: str, run: dict) -> str:
+    threads = run["settings"].get("llamacpp_threads", {}).get(target)
+    if threads is None:
+        return TITLES.get(target, target)
+    like = ", as a Textbot model replica" if threads == run["settings"].get("textbot_threads") else ""
+    return f"{TITLES['llamacpp']}, {threads} thread{'s' if threads > 1 else ''}{like}"
+
+
+def peer_lines(run: dict) -> list[str]:
+    """The engine beside each llama.cpp run, at one stream and at 8."""
+    engine = {lv["concurrency"]: lv for lv in run["results"].get("engine") or []}
+    rows = []
+    for target, threads in run["settings"].get("llamacpp_threads", {}).items():
+        peer = {lv["concurrency"]: lv for lv in run["results"].get(target) or []}
+        for streams in (1, 8):
+            ours, theirs = engine.get(streams), peer.get(streams)
+            if ours and theirs and ours["aggregate_tok_s"] and theirs["aggregate_tok_s"]:
+                rows.append(f"| {streams} | {ours['aggregate_tok_s']} ({run['settings'].get('textbot_threads')}) "
+                            f"| {theirs['aggregate_tok_s']} ({threads}) "
+                            f"| {ours['aggregate_tok_s'] / theirs['aggregate_tok_s']:.2f}x |")
+    if not rows:
+        return []
+    return ["## Beside llama.cpp", "",
+            "Aggregate output tokens/s, the engine in-process against llama-cpp-python's server "
+            "(threads in brackets; the engine's are a Textbot model replica's torch threads). "
+            "llama.cpp's include its HTTP server, the engine's none: Textbot's served rows are below.", "",
+            "| streams | engine tok/s (threads) | llama.cpp tok/s (threads) | engine / llama.cpp |",
+            "| ---: | ---: | ---: | ---: |", *rows, ""]
 
 
 def write_json(path: Path, run: dict) -> None:
@@ -102,6 +155,17 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
     return checks
 
 
+def llamacpp_lines(run: dict) -> list[str]:
+    runs = run["settings"].get("llamacpp_threads") or {}
+    if not runs:
+        return []
+    counts = " and ".join(str(n) for n in runs.values())
+    return [f"llama.cpp: `python -m llama_cpp.server --n_threads N --n_threads_batch N --interrupt_requests false` "
+            f"with N = {counts}; a Textbot model replica decodes on {run['settings'].get('textbot_threads')} "
+            "torch thread(s) (its CPUs in deploy.yaml), and so does the engine in-process here. The server decodes "
+            "one request at a time: concurrent streams wait their turn."]
+
+
 def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
     m, s = run["machine"], run["settings"]
     lines = [
@@ -109,13 +173,17 @@ def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
         "",
         f"Generated by `{s['command']}` on {run['date']}.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}, "
-        f"torch {m['torch']}, transformers {m['transformers']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; CPU flags: "
+        f"{' '.join(m.get('cpu_flags') or []) or 'unknown'}"
+        f"{' (no AMX)' if 'avx512f' in (m.get('cpu_flags') or []) and 'amx_tile' not in m['cpu_flags'] else ''}.",
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
+        f"llama-cpp-python {m.get('llama_cpp_python') or 'not installed'}.",
         f"Model: `{s['model']}` ({s['dtype']}). Each client sends {s['requests_per_client']} "
         f"request(s) of {s['max_tokens']} new tokens, greedy, from fixed prompts; all clients start together.",
         "Output tokens are counted by re-tokenising each reply with the model's tokenizer, for every target alike.",
         "Inter-token latency: gaps between streamed pieces, spread over the tokens each piece carried.",
         "Everything below ran side by side in one run on a shared machine: compare ratios, not absolutes.",
+        *llamacpp_lines(run),
         "",
         f"![aggregate throughput and latency]({figure})  (data: [{Path(data).name}]({data}))",
         "",
@@ -125,9 +193,10 @@ def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
         "| --- | --- | --- |",
         *(f"| {name} | {measured} | {'yes' if met else 'no'} |" for name, measured, met in targets(run)),
         "",
+        *peer_lines(run),
     ]
     for target, levels in run["results"].items():
-        lines += [f"## {TITLES.get(target, target)}", ""]
+        lines += [f"## {title(target, run)}", ""]
         if not levels:
             lines += [f"Not measured: {run['skipped'].get(target, 'not requested')}.", ""]
             continue
@@ -140,7 +209,7 @@ def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
         lines.append("")
     for target, reason in run["skipped"].items():
         if target not in run["results"]:
-            lines += [f"## {TITLES.get(target, target)}", "", f"Not measured: {reason}.", ""]
+            lines += [f"## {title(target, run)}", "", f"Not measured: {reason}.", ""]
     notes = ""
     if path.is_file() and NOTES_MARKER in (old := path.read_text()):
         notes = old.split(NOTES_MARKER, 1)[1]
