@@ -233,6 +233,7 @@ async def run(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(),
         "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": settings.model.source,
+                     "quantization": settings.model.quantization,
                      "dtype": settings.model.dtype, "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "concurrency": args.concurrency,
                      "textbot_threads": settings.model.torch_threads or threads,

@@ -152,6 +152,37 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
     if engine1 and engine1["per_stream_tok_s"]:
         checks.append(("single stream >= 50 tok/s", f"{engine1['per_stream_tok_s']} tok/s",
                        engine1["per_stream_tok_s"] >= 50))
+    checks += peer_targets(run, level)
+    return checks
+
+
+def peer_targets(run: dict, level) -> list[tuple[str, str, bool]]:
+    """Issue 13's targets against llama.cpp: the served route beside the faster llama.cpp
+    run at each stream count (its thread settings differ; the better one is the fair peer)."""
+    served = next((t for t in ("openai", "http") if level(t, 1) or level(t, 8)), None)
+    peers = list(run["settings"].get("llamacpp_threads") or {})
+    if not served or not peers:
+        return []
+
+    def best_peer(streams: int, key: str) -> tuple[float, str] | None:
+        found = [(lv[key], peer) for peer in peers if (lv := level(peer, streams)) and lv[key]]
+        return max(found) if found else None
+
+    checks = []
+    ours, theirs = level(served, 1), best_peer(1, "per_stream_tok_s")
+    if ours and ours["per_stream_tok_s"] and theirs:
+        ratio = ours["per_stream_tok_s"] / theirs[0]
+        checks.append((f"{served}: single-stream decode >= 0.5x llama.cpp",
+                       f"{ratio:.2f}x ({ours['per_stream_tok_s']} vs {theirs[0]} tok/s, {theirs[1]})", ratio >= 0.5))
+    ours, theirs = level(served, 8), best_peer(8, "aggregate_tok_s")
+    if ours and ours["aggregate_tok_s"]:
+        checks.append((f"{served}: aggregate at 8 streams >= 150 tok/s", f"{ours['aggregate_tok_s']} tok/s",
+                       ours["aggregate_tok_s"] >= 150))
+        if theirs:
+            ratio = ours["aggregate_tok_s"] / theirs[0]
+            checks.append((f"{served}: aggregate at 8 streams >= 2.5x llama.cpp's server",
+                           f"{ratio:.2f}x ({ours['aggregate_tok_s']} vs {theirs[0]} tok/s, {theirs[1]})",
+                           ratio >= 2.5))
     return checks
 
 
@@ -178,7 +209,8 @@ def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
         f"{' (no AMX)' if 'avx512f' in (m.get('cpu_flags') or []) and 'amx_tile' not in m['cpu_flags'] else ''}.",
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
         f"llama-cpp-python {m.get('llama_cpp_python') or 'not installed'}.",
-        f"Model: `{s['model']}` ({s['dtype']}). Each client sends {s['requests_per_client']} "
+        f"Model: `{s['model']}` ({s.get('quantization', 'none')} weights, {s['dtype']} activations). "
+        f"Each client sends {s['requests_per_client']} "
         f"request(s) of {s['max_tokens']} new tokens, greedy, from fixed prompts; all clients start together.",
         "Output tokens are counted by re-tokenising each reply with the model's tokenizer, for every target alike.",
         "Inter-token latency: gaps between streamed pieces, spread over the tokens each piece carried.",

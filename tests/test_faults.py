@@ -85,14 +85,18 @@ async def read_until_failure(open_stream) -> tuple[str, float]:
         return outcome, time.monotonic() - killed
 
 
-def http_stream(base_url, **kwargs):
+def http_stream(base_url, sse: bool, **kwargs):
     @contextlib.asynccontextmanager
     async def open_stream():
         async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
             async with client.stream(**kwargs) as response:
-                # Skip SSE's blank separators and its opening role chunk, which the ingress
-                # sends before the model replica has the request: wait for generated text.
-                yield (line async for line in response.aiter_lines() if line and '"role"' not in line)
+                if sse:
+                    # Skip SSE's blank separators and its opening role chunk, which the ingress
+                    # sends before the model replica has the request: wait for generated text.
+                    yield (line async for line in response.aiter_lines() if line and '"role"' not in line)
+                else:
+                    # Plain text as it arrives: a reply may hold no line break until its end.
+                    yield (text async for text in response.aiter_text() if text)
     return open_stream
 
 
@@ -108,10 +112,10 @@ EXPECTED_OUTCOME = {
 @pytest.mark.parametrize("route", EXPECTED_OUTCOME)
 def test_replica_killed_mid_stream_gives_a_terminal_error_then_recovers(base_url, http, route):
     if route == "text":
-        opener = http_stream(base_url, method="POST", url="/tiny-victim/",
+        opener = http_stream(base_url, sse=False, method="POST", url="/tiny-victim/",
                              params={"prompt": "Go on", "max_new_tokens": 4000})
     elif route == "sse":
-        opener = http_stream(base_url, method="POST", url="/tiny-victim/v1/chat/completions",
+        opener = http_stream(base_url, sse=True, method="POST", url="/tiny-victim/v1/chat/completions",
                              json={"messages": HELLO, "max_tokens": 4000, "stream": True})
     else:
         @contextlib.asynccontextmanager
