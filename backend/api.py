@@ -84,7 +84,7 @@ class RemoteReply:
     def __init__(self, handle: DeploymentHandle, route: str, messages: list[ChatMessage],
                  sampling: SamplingParams, strict: bool = False):
         self._response = handle.options(stream=True).stream_reply.remote(messages, sampling, strict, route)
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.finish_reason: str | None = None
         self._started = False
 
@@ -97,6 +97,7 @@ class RemoteReply:
             async for piece in self._response:
                 self._started = True
                 self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
+                self.cached_tokens = piece.cached_tokens
                 self.finish_reason = piece.finish_reason
                 if piece.text:
                     yield piece.text

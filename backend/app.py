@@ -9,7 +9,7 @@ annotation to validate deploy.yaml's `args` into `TextbotSettings`.
 
 from ray.serve import Application
 
-from backend.engine import loading
+from backend.engine import location
 from backend.api import TextbotAPI
 from backend.settings import TextbotSettings
 from backend.textbot import Textbot
@@ -18,5 +18,5 @@ from backend.textbot import Textbot
 def build_app(settings: TextbotSettings) -> Application:
     # Resolve the model here, where a wrong source fails `serve run` once with a
     # clear message, instead of in every replica's constructor, over and over.
-    loading.locate(settings.model)
+    location.locate(settings.model)
     return TextbotAPI.bind(settings, Textbot.bind(settings))

@@ -35,6 +35,14 @@ class APIError(Exception):
         return APIError, (self.status, self.message, self.param, self.code, self.headers)
 
 
+class PromptTooLongError(ValueError):
+    """The engine's: the prompt leaves no room in the model's context for a reply."""
+
+
+class EngineBusyError(RuntimeError):
+    """The engine's: every generation slot and waiting place is taken; try again shortly."""
+
+
 class GenerationError(RuntimeError):
     """The model failed while generating, or its replica was lost: the stream ends with this error."""
 

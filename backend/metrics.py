@@ -45,15 +45,34 @@ class ReplyMetrics:
             "overloaded, context_length_exceeded, invalid_request.", tag_keys=("kind",))
         self.running = metrics.Gauge("textbot_requests_running", description="Replies decoding in the batch.")
         self.waiting = metrics.Gauge("textbot_requests_waiting", description="Replies waiting for a batch place.")
+        self.prefix_cache = {
+            "queried_tokens": metrics.Counter("textbot_prefix_cache_queried_tokens",
+                                              description="Prompt tokens looked up in the prefix cache."),
+            "hit_tokens": metrics.Counter("textbot_prefix_cache_hit_tokens",
+                                          description="Prompt tokens read from the prefix cache, not computed."),
+            "evictions": metrics.Counter("textbot_prefix_cache_evictions",
+                                         description="Prefix cache entries dropped to stay within its budget."),
+        }
+        self.prefix_cache_bytes = metrics.Gauge("textbot_prefix_cache_bytes",
+                                                description="Bytes of keys and values the prefix cache holds.")
+        self._prefix_cache_reported = {name: 0 for name in self.prefix_cache}
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
 
-    async def observe(self, generation, started: float, route: str, load) -> AsyncIterator[str]:
+    def set_prefix_cache(self, stats) -> None:
+        """Bring the counters up to the engine's running totals (a PrefixCacheStats)."""
+        for name, counter in self.prefix_cache.items():
+            total = getattr(stats, name)
+            _add(counter, total - self._prefix_cache_reported[name])
+            self._prefix_cache_reported[name] = total
+        self.prefix_cache_bytes.set(stats.bytes)
+
+    async def observe(self, generation, started: float, route: str, report) -> AsyncIterator[str]:
         """Pass a generation's pieces through, timing them; log one line when it ends.
-        `load()` returns the replica's (running, waiting) for the gauges."""
-        self.set_load(*load())
+        `report()` brings the replica's gauges up to date."""
+        report()
         _add(self.prompt_tokens, generation.prompt_tokens)
         first = last = None
         counted = 0
@@ -64,7 +83,7 @@ class ReplyMetrics:
                 if first is None:
                     first = now
                     self.time_to_first_token.observe(now - started)
-                    self.set_load(*load())
+                    report()
                 elif generation.tokens_streamed > counted:
                     # A piece can carry several tokens (held back to complete a character).
                     gap = (now - last) / (generation.tokens_streamed - counted)
@@ -81,9 +100,10 @@ class ReplyMetrics:
             self.duration.observe(duration)
             _add(self.completion_tokens, generation.completion_tokens)
             self.finished.inc(tags={"finish_reason": reason})
-            self.set_load(*load())
+            report()
             request_log.info(json.dumps({
                 "event": "reply", "route": route, "prompt_tokens": generation.prompt_tokens,
+                "cached_tokens": generation.cached_tokens,
                 "completion_tokens": generation.completion_tokens,
                 "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 1),
                 "duration_ms": round(duration * 1000, 1), "finish_reason": reason,

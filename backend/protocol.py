@@ -64,6 +64,7 @@ class ReplyPiece:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    cached_tokens: int = 0  # of the prompt's, read from the replica's prefix cache
 
 
 def check_text(text: str, param: str, max_chars: int) -> str:

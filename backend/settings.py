@@ -87,6 +87,11 @@ class EngineSettings(_Strict):
         256, ge=1, description="Prompt tokens read per step: a long prompt is read over several steps "
         "while the batch decodes on."
     )
+    prefix_cache_mb: float = Field(
+        512, ge=0, description="Memory for keys and values of finished replies, per replica, so a "
+        "conversation's next turn reads only its new tokens (least recently used go first; 0 turns it off). "
+        "Llama-architecture models only."
+    )
     max_stall_seconds: float = Field(
         60.0, gt=0, description="A replica whose decode loop finishes no step for this long, with requests "
         "in flight, fails its health check and Serve replaces it."

@@ -10,16 +10,19 @@ so in their own protocol (an SSE error event, a WebSocket close 1011).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from backend.conversation import fit_to_context
-from backend.engine import Engine, EngineBusyError, Generation, PromptTooLongError, load
-from backend.errors import RETRY_AFTER_S, APIError
+from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, PromptTooLongError
 from backend.metrics import ReplyMetrics
 from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, check_text
 from backend.settings import TextbotSettings
+
+if TYPE_CHECKING:
+    from backend.engine import Generation
 
 _messages = TypeAdapter(list[ChatMessage])
 
@@ -27,6 +30,10 @@ _messages = TypeAdapter(list[ChatMessage])
 @serve.deployment
 class Textbot:
     def __init__(self, settings: TextbotSettings):
+        # Imported here, in the replica: Serve's build step imports this module too, and
+        # should not wait for torch (restart time, docs/BENCHMARKS.md).
+        from backend.engine import Engine, load
+
         self.settings = settings
         loaded = load(settings.model)
         self.engine = Engine(loaded, settings.engine, settings.model.torch_threads)
@@ -46,8 +53,10 @@ class Textbot:
         """
         generation = self._start(messages, sampling, strict)
         async for text in self._observed(generation, route):
-            yield ReplyPiece(text, generation.prompt_tokens, generation.tokens_streamed)
-        yield ReplyPiece("", generation.prompt_tokens, generation.completion_tokens, generation.finish_reason)
+            yield ReplyPiece(text, generation.prompt_tokens, generation.tokens_streamed,
+                             cached_tokens=generation.cached_tokens)
+        yield ReplyPiece("", generation.prompt_tokens, generation.completion_tokens, generation.finish_reason,
+                         generation.cached_tokens)
 
     async def stream_chat(
         self, messages: list[dict] | list[ChatMessage], sampling: dict | SamplingParams | None = None
@@ -87,7 +96,7 @@ class Textbot:
         """Serve calls this every few seconds; raising makes it replace the replica."""
         if problem := self.engine.problem():
             raise RuntimeError(problem)
-        self.metrics.set_load(*self._load())  # keeps the gauges reported while idle
+        self._report()  # keeps the gauges reported while idle
 
     def ready(self) -> dict:
         """For the ingress's /health: the model's name, once this replica can serve."""
@@ -100,7 +109,12 @@ class Textbot:
         return {"running": running, "waiting": waiting}
 
     def _observed(self, generation: Generation, route: str) -> AsyncIterator[str]:
-        return self.metrics.observe(generation, generation.submitted, route, self._load)
+        return self.metrics.observe(generation, generation.submitted, route, self._report)
+
+    def _report(self) -> None:
+        self.metrics.set_load(*self._load())
+        if cache := self.engine.prefix_cache:
+            self.metrics.set_prefix_cache(cache.stats)
 
     def _load(self) -> tuple[int, int]:
         running = self.engine.running

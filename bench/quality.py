@@ -78,7 +78,7 @@ def _step_ms(loaded, rows: int, steps: int = 20) -> float:
             prompt_ids, next_token = list(range(100, 164)), 200
 
         batch = path.Batch(loaded.model, rows)
-        batch.add(path.read_whole(loaded.model, [Request() for _ in range(rows)]))
+        batch.add(path.read_whole(loaded.model, [path.PromptReader(loaded.model, Request()) for _ in range(rows)]))
         for _ in range(3):
             batch.step()
         started = time.perf_counter()

@@ -252,7 +252,7 @@ def test_prompts_read_together_give_each_the_logits_of_reading_it_alone(engine):
     that arrive together): each row's next-token logits are those of its prompt read alone."""
     requests = [SimpleNamespace(prompt_ids=engine.loaded.tokenizer.encode(p)) for p in PROMPTS]
     with torch.inference_mode():
-        together = read_whole(engine.loaded.model, requests)
+        together = read_whole(engine.loaded.model, [PromptReader(engine.loaded.model, r) for r in requests])
         for request, logits in zip(requests, together.logits):
             alone = PromptReader(engine.loaded.model, request)
             alone.read(len(request.prompt_ids))

@@ -63,7 +63,7 @@ def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
             def __init__(self, ids):
                 self.prompt_ids, self.next_token = ids, 3
         requests = [Request(long), Request(short)]
-        rows = slots.read_whole(model, requests)  # the short one right-padded
+        rows = slots.read_whole(model, [slots.PromptReader(model, r) for r in requests])  # the short one right-padded
         for row, expected in zip(rows.logits, reference):
             torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)
         batch = slots.Batch(model, rows=4)

@@ -57,9 +57,15 @@ def build_slow_chat_model(folder: Path) -> Path:
                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192)
 
 
-def _chat_llama(folder: Path, **shape) -> Path:
+def build_plain_llama(folder: Path) -> Path:
+    """The tiny chat model's shape without a chat template: DialoGPT's prompt format on the slot path."""
+    return _chat_llama(folder, chat_template=None, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def _chat_llama(folder: Path, chat_template: str | None = CHATML, **shape) -> Path:
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(CHATML)
+    tokenizer = build_tokenizer(chat_template)
     config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, **shape)
     save(LlamaForCausalLM(config), tokenizer, folder)

@@ -1,19 +1,35 @@
 """The generation engine, apart from the Serve deployment that hosts it.
 
-    loading.py      finding the model, loading it (quantised or not), the converted-weights cache
+    location.py     where the configured model is (no torch: the application builder checks it)
+    loading.py      loading the model (quantised or not), the converted-weights cache
     quant.py        weight-only quantised linear layers on torch's CPU kernels
+    gguf_blocks.py  a GGUF file's 4- and 8-bit weights as stored, for the int4 kernel
     prompt.py       a conversation -> prompt tokens
-    batch.py        the tensors of continuous batching: prompts read into KV caches, the decoding batch
+    slots.py        the lean path for Llama models: a KV cache of rows, one forward for prompts and steps
+    batch.py        the generic path, through Hugging Face's forward
+    prefix_cache.py keys and values of finished requests, for a conversation's next turn
     sampling.py     the next token from logits, per request
     detokenizer.py  token ids -> text pieces without broken characters
     engine.py       the scheduler: one decode loop per replica, submit -> Generation, cancel
 
 Its interface is narrow: `Engine(load(settings), limits).submit(messages, sampling)`
 returns a `Generation` to iterate for text pieces or to cancel.
+
+The names below load on first use: processes that only locate the model or catch its
+errors (Serve's build step, the ingress) do not import torch.
 """
 
-from backend.engine.engine import Engine, EngineBusyError, Generation, PromptTooLongError
-from backend.engine.loading import LoadedModel, ModelLoadError, load, locate
+import importlib
 
-__all__ = ["Engine", "EngineBusyError", "Generation", "LoadedModel", "ModelLoadError", "PromptTooLongError",
-           "load", "locate"]
+from backend.errors import EngineBusyError, PromptTooLongError
+
+_LAZY = {"Engine": "engine", "Generation": "engine", "LoadedModel": "loading", "load": "loading",
+         "ModelLoadError": "location", "locate": "location"}
+
+__all__ = ["EngineBusyError", "PromptTooLongError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

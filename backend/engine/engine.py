@@ -29,22 +29,15 @@ import torch
 
 from backend.engine import batch as generic_path, slots
 from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.errors import GenerationError
+from backend.errors import EngineBusyError, GenerationError, PromptTooLongError
 from backend.engine.loading import LoadedModel
+from backend.engine.prefix_cache import PrefixCache
 from backend.engine.prompt import encode_chat
 from backend.engine.sampling import sample
 from backend.protocol import ChatMessage, ResolvedSampling
 from backend.settings import EngineSettings
 
 log = logging.getLogger(__name__)
-
-
-class PromptTooLongError(ValueError):
-    """The prompt leaves no room in the model's context for a reply."""
-
-
-class EngineBusyError(RuntimeError):
-    """Every generation slot and waiting place is taken; try again shortly."""
 
 
 @dataclass
@@ -61,6 +54,7 @@ class Generation:
     prompt_tokens: int
     sampling: ResolvedSampling
     completion_tokens: int = 0  # sampled so far, by the decode loop
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     tokens_streamed: int = 0  # in the pieces yielded so far: the consumer's view, for its metrics
     finish_reason: str | None = None
     submitted: float = field(default_factory=time.monotonic)
@@ -106,6 +100,13 @@ class _Request:
     running: bool = False  # admitted to the batch
     length: int = 0  # tokens of this request in the KV cache
     next_token: int = 0  # sampled and streamed, fed to the model at the next step
+    sampled: list[int] = field(default_factory=list)  # the reply's token ids so far
+    outcome: str | None = None  # the finish reason, once finished
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The token ids whose keys and values the KV cache holds for this request."""
+        return (self.prompt_ids + self.sampled)[:self.length]
 
     def hand_over(self, item) -> None:
         # Wakes the consumer without polling; its event loop may be gone at shutdown.
@@ -124,6 +125,9 @@ class Engine:
         # The tensors of batching: the lean slot path for the architectures it knows, else
         # Hugging Face's forward. Both have read_whole, PromptReader, Batch and Rows.
         self.path = slots if slots.supports(loaded.model) else generic_path
+        # Keys and values of finished requests, for the next turn of their conversation.
+        self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
+                             if self.path is slots and limits.prefix_cache_mb else None)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
@@ -220,7 +224,9 @@ class Engine:
                 self._read_prompts(reading, batch)
                 if batch.requests:
                     logits = batch.step()
-                    batch.keep([r for r, row in zip(batch.requests, logits) if self._advance(r, row)])
+                    going_on = [self._advance(r, row) for r, row in zip(batch.requests, logits)]
+                    self._remember(batch, [r for r, going in zip(batch.requests, going_on) if not going])
+                    batch.keep([r for r, going in zip(batch.requests, going_on) if going])
             except Exception as exc:  # a failed forward pass fails the whole batch, not the loop
                 self._fail(batch.requests, exc, "Decode step")
                 batch = self._new_batch()
@@ -241,7 +247,9 @@ class Engine:
         request.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         request.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
         request.deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
-        return self.path.PromptReader(self.loaded.model, request)
+        prefix = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache else None
+        request.generation.cached_tokens = prefix.length if prefix else 0
+        return self.path.PromptReader(self.loaded.model, request, prefix)
 
     def _read_prompts(self, reading: collections.deque, batch) -> None:
         """Read at most `prefill_chunk` prompt tokens in this step, oldest prompt first: those
@@ -249,23 +257,27 @@ class Engine:
         budget reads the next prompt a chunk further. Prompts read to their end join the batch."""
         for prompt in [p for p in reading if p.request.generation.cancelled]:
             reading.remove(prompt)
+            prompt.finish()
             self._finish(prompt.request, _Finished("cancelled"))
         budget = self.limits.prefill_chunk
         whole = []
-        while reading and reading[0].tokens_read == 0 and len(reading[0].request.prompt_ids) <= budget:
-            budget -= len(reading[0].request.prompt_ids)
-            whole.append(reading.popleft().request)
+        while reading and not reading[0].started and reading[0].remaining <= budget:
+            budget -= reading[0].remaining
+            whole.append(reading.popleft())
         if whole:
             try:
                 self._join(batch, self.path.read_whole(self.loaded.model, whole))
             except Exception as exc:  # fails these requests only
-                self._fail(whole, exc, "Prefill")
+                for prompt in whole:
+                    prompt.finish()
+                self._fail([prompt.request for prompt in whole], exc, "Prefill")
         if reading and budget > 0:
             prompt = reading[0]
             try:
                 prompt.read(budget)
             except Exception as exc:
                 reading.popleft()
+                prompt.finish()
                 return self._fail([prompt.request], exc, "Prefill")
             if prompt.done:
                 reading.popleft()
@@ -274,8 +286,20 @@ class Engine:
     def _join(self, batch, rows) -> None:
         """Sample each read prompt's first token; those that go on decoding join the batch."""
         going_on = [self._advance(request, logits) for request, logits in zip(rows.requests, rows.logits)]
+        for request in rows.requests:
+            request.length = len(request.prompt_ids)
+        self._remember(rows, [r for r, going in zip(rows.requests, going_on) if not going])
         if any(going_on):
             batch.add(rows.select(going_on))
+
+    def _remember(self, holder, retired: list[_Request]) -> None:
+        """Keep the keys and values of requests that end here (`holder`: the batch or read
+        prompts holding them) for their conversation's next turn, unless they failed."""
+        if self.prefix_cache is None:
+            return
+        for request in retired:
+            if request.outcome != "error":
+                self.prefix_cache.store(request.cached_ids, *holder.columns(request))
 
     def _fail(self, requests: list[_Request], exc: Exception, what: str) -> None:
         log.exception("%s of generation(s) %s failed", what, [r.generation.id for r in requests])
@@ -297,6 +321,7 @@ class Engine:
         if token_id in self.loaded.eos_token_ids:
             return self._finish(request, _Finished("stop"))
         generation.completion_tokens += 1
+        request.sampled.append(token_id)
         if piece := request.detokenizer.push(token_id):
             request.hand_over((piece, generation.completion_tokens))
         if generation.completion_tokens >= request.budget:
@@ -305,6 +330,7 @@ class Engine:
         return True
 
     def _finish(self, request: _Request, finished: _Finished) -> bool:
+        request.outcome = finished.reason
         if finished.reason in ("stop", "length") and request.detokenizer and (tail := request.detokenizer.flush()):
             request.hand_over((tail, request.generation.completion_tokens))
         with self._lock:

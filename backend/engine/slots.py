@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backend.engine.prefix_cache import Hit
 from backend.engine.quant import fuse
 
 
@@ -64,6 +65,17 @@ class KV:
         for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
             for layer, other in zip(mine, theirs):
                 layer[row, :, :length] = other[source_row, :, :length]
+
+    def copy_prefix(self, hit: Hit, row: int) -> None:
+        """A cached prefix's keys and values into `row`'s first columns."""
+        self.make_room(hit.length)
+        for mine, theirs in ((self.keys, hit.entry.keys), (self.values, hit.entry.values)):
+            for layer, cached in zip(mine, theirs):
+                layer[row, :, :hit.length] = cached[:, :hit.length]
+
+    def columns(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of `row`'s first `length` keys and values, [kv_heads, length, head_dim] per layer."""
+        return [k[row, :, :length] for k in self.keys], [v[row, :, :length] for v in self.values]
 
     def move_rows(self, rows: torch.Tensor, length: int) -> None:
         """Rows `rows` become rows 0..len(rows)-1 (the first `length` columns)."""
@@ -183,37 +195,73 @@ class Rows:
         self.kv.move_rows(rows, max(len(r.prompt_ids) for r in requests))
         return Rows(requests, self.logits[rows], self.kv)
 
+    def columns(self, request) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.kv.columns(self.requests.index(request), len(request.prompt_ids))
 
-def read_whole(model: torch.nn.Module, requests: list) -> Rows:
-    """Several prompts in one forward pass, right-padded to the longest: a padded row writes
+
+def read_whole(model: torch.nn.Module, readers: list[PromptReader]) -> Rows:
+    """What is left of several prompts, in one forward pass: each row starts with its cached
+    prefix (if any), then its unread tokens, right-padded to the longest. A padded row writes
     columns past its prompt, which its first decode step overwrites before any query reads them."""
-    width = max(len(r.prompt_ids) for r in requests)
-    tokens = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in requests])
-    kv = KV(model, len(requests), capacity=width)
-    last = torch.tensor([len(r.prompt_ids) - 1 for r in requests])
-    logits = forward(model, kv, tokens, torch.arange(width).expand(len(requests), width), last)
-    return Rows(requests, logits, kv)
+    rows, width = len(readers), max(reader.remaining for reader in readers)
+    kv = KV(model, rows, capacity=max(len(reader.request.prompt_ids) for reader in readers))
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    for row, reader in enumerate(readers):
+        unread = reader.request.prompt_ids[reader.tokens_read:]
+        tokens[row, :len(unread)] = torch.tensor(unread)
+        if reader.prefix:
+            kv.copy_prefix(reader.prefix, row)
+    starts = torch.tensor([reader.tokens_read for reader in readers])
+    # Padding may run past the context's last position; it is never read, so it may share one.
+    positions = (starts[:, None] + torch.arange(width)).clamp(max=model.config.max_position_embeddings - 1)
+    last = torch.tensor([reader.remaining - 1 for reader in readers])
+    logits = forward(model, kv, tokens, positions, last)
+    for reader in readers:
+        reader.finish()
+    return Rows([reader.request for reader in readers], logits, kv)
 
 
 class PromptReader:
-    """A prompt too long for one step's budget, read `read(budget)` tokens at a time into a
-    KV row of its own, across several loop steps (the batch decodes on meanwhile)."""
+    """An admitted prompt until it is read: its cached prefix (`prefix`, from the prefix
+    cache) is copied in, the rest is read with other prompts by `read_whole`, or, too long
+    for a step's budget, `read(budget)` tokens at a time into a KV row of its own, across
+    several loop steps (the batch decodes on meanwhile)."""
 
-    def __init__(self, model: torch.nn.Module, request):
-        self.model, self.request = model, request
-        self.kv = KV(model, 1)
-        self.tokens_read = 0
+    def __init__(self, model: torch.nn.Module, request, prefix: Hit | None = None):
+        self.model, self.request, self.prefix = model, request, prefix
+        self.kv: KV | None = None  # allocated at the first chunk
+        self.tokens_read = prefix.length if prefix else 0
         self.logits: torch.Tensor | None = None
 
     @property
+    def remaining(self) -> int:
+        return len(self.request.prompt_ids) - self.tokens_read
+
+    @property
+    def started(self) -> bool:
+        """Read a chunk already: the rest must go on in this reader's own KV row."""
+        return self.kv is not None
+
+    @property
     def done(self) -> bool:
-        return self.tokens_read == len(self.request.prompt_ids)
+        return self.remaining == 0
 
     def read(self, budget: int) -> None:
+        if self.kv is None:
+            self.kv = KV(self.model, 1, capacity=len(self.request.prompt_ids))
+            if self.prefix:
+                self.kv.copy_prefix(self.prefix, 0)
+                self.finish()
         chunk = self.request.prompt_ids[self.tokens_read:self.tokens_read + budget]
         positions = torch.arange(self.tokens_read, self.tokens_read + len(chunk))[None]
         self.logits = forward(self.model, self.kv, torch.tensor([chunk]), positions)[0]
         self.tokens_read += len(chunk)
+
+    def finish(self) -> None:
+        """The cached prefix is copied: the cache may let it go."""
+        if self.prefix:
+            self.prefix.release()
+            self.prefix = None
 
     def rows(self) -> Rows:
         return Rows([self.request], self.logits[None], self.kv)
@@ -243,6 +291,10 @@ class Batch:
         for request in self.requests:
             request.length += 1
         return logits
+
+    def columns(self, request) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A running request's keys and values so far (views), for the prefix cache."""
+        return self.kv.columns(self.requests.index(request), request.length)
 
     def keep(self, kept: list) -> None:
         """Retire every request not in `kept`; the others move up to rows 0..len(kept)-1."""

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 from backend.openai.protocol import (
     CompletionHeader,
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Usage,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, PromptTokensDetails, Usage,
 )
 
 
@@ -15,6 +15,7 @@ class Reply(Protocol):
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     finish_reason: str | None
 
     def __aiter__(self) -> AsyncIterator[str]: ...
@@ -73,7 +74,8 @@ class CompletionText:
     def usage(self) -> Usage:
         g = self.reply
         return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
-                     total_tokens=g.prompt_tokens + g.completion_tokens)
+                     total_tokens=g.prompt_tokens + g.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=g.cached_tokens))
 
 
 def _event(payload: str) -> str:

