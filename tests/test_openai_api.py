@@ -47,6 +47,21 @@ def test_streaming_matches_non_streaming_and_reports_usage(client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_the_next_turn_reports_the_prompt_tokens_read_from_the_prefix_cache(client):
+    first = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    history = HELLO + [{"role": "assistant", "content": first.choices[0].message.content},
+                       {"role": "user", "content": "And again?"}]
+    second = client.chat.completions.create(model="tiny-chat", messages=history, max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(
+        model="tiny-chat", messages=history, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    # The same prompt again: all of it but its last token comes from the cache.
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == second.choices[0].message.content
+
+
 def test_max_completion_tokens_is_honoured(client):
     completion = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_completion_tokens=5,
                                                 temperature=0)

@@ -27,15 +27,17 @@ def textbot_samples(metrics_url: str, app: str) -> dict[str, float]:
 
 def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_url):
     body = {"messages": HELLO, "max_tokens": 24, "temperature": 0, "stream": True}
-    with http.stream("POST", "/tiny-chat/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200
-        list(response.iter_lines())
+    for _ in range(2):  # the second reads its prompt from the prefix cache
+        with http.stream("POST", "/tiny-chat/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            list(response.iter_lines())
 
     deadline, samples = time.monotonic() + 90, {}
     while time.monotonic() < deadline:  # Ray exports every few seconds
         samples = textbot_samples(metrics_url, "tiny-chat")
         # The gauges are reported again at each health check (every 10 s).
-        if samples.get("ray_textbot_completion_tokens_total", 0) >= 24 and "ray_textbot_requests_running" in samples:
+        if (samples.get("ray_textbot_completion_tokens_total", 0) >= 48 and "ray_textbot_requests_running" in samples
+                and samples.get("ray_textbot_prefix_cache_hit_tokens_total", 0) > 0):
             break
         time.sleep(2)
     print({k: v for k, v in sorted(samples.items())})
@@ -49,6 +51,9 @@ def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_u
     # A 24-token reply has 23 gaps between its tokens: at least that many were observed.
     assert samples["ray_textbot_inter_token_latency_seconds_count"] >= 23
     assert "ray_textbot_requests_running" in samples and "ray_textbot_requests_waiting" in samples
+    hits = samples["ray_textbot_prefix_cache_hit_tokens_total"]
+    assert 0 < hits < samples["ray_textbot_prefix_cache_queried_tokens_total"] <= samples["ray_textbot_prompt_tokens_total"]
+    assert samples["ray_textbot_prefix_cache_bytes"] > 0
 
 
 def test_each_request_leaves_one_structured_log_line_without_the_prompt(http):
@@ -68,6 +73,7 @@ def test_each_request_leaves_one_structured_log_line_without_the_prompt(http):
     record = json.loads(lines[0][lines[0].index("{"):])
     assert record["route"] == "POST /v1/chat/completions"
     assert record["completion_tokens"] == 24 and record["prompt_tokens"] > 0
+    assert 0 <= record["cached_tokens"] < record["prompt_tokens"]
     assert record["finish_reason"] == "length" and record["error"] is None
     assert 0 < record["time_to_first_token_ms"] <= record["duration_ms"]
     assert "7f3a" not in lines[0]  # no prompt text in the log

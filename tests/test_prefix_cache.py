@@ -90,8 +90,9 @@ def test_a_rewritten_history_reuses_only_what_still_matches(loaded):
         if loaded.tokenizer.chat_template:
             loaded.tokenizer.chat_template = COUNTING
             try:
-                counting = converse(cached, turns=[f"Again: {t}" for t in TURNS])
-                assert [a for a, _ in counting] == [a for a, _ in converse(uncached, turns=[f"Again: {t}" for t in TURNS])]
+                turns = [f"Again: {t}" for t in TURNS]
+                counting = converse(cached, turns=turns)
+                assert [a for a, _ in counting] == [a for a, _ in converse(uncached, turns=turns)]
             finally:
                 loaded.tokenizer.chat_template = builders.CHATML
             prefix = len(loaded.tokenizer.encode("<|im_start|>system\n"))
