@@ -11,11 +11,14 @@ own protocol.
 # No `from __future__ import annotations`: FastAPI reads the route signatures of
 # this class through serve.ingress and cannot resolve string annotations there.
 import asyncio
+import hashlib
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Header, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -44,6 +47,11 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # How many of the oldest messages `truncation: "auto"` dropped to fit the context.
 DROPPED_HEADER = "X-Textbot-Dropped-Messages"
+# Ray Serve's own session header name: one conversation's requests carry one value.
+SessionHeader = Annotated[str | None, Header(
+    alias="x-session-id", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+    description="Names the conversation: its requests go to the model replica that holds its prefix "
+                "cache. Without it, the conversation's opening (system messages and first user message) does.")]
 
 # The Ray Serve tutorial's WebSocket protocol: this frame ends each reply.
 END_OF_REPLY = "<<Response Finished>>"
@@ -77,13 +85,26 @@ def served_error(error: Exception, mid_reply: bool) -> Exception:
     return error
 
 
+def conversation_key(session_id: str | None, messages: list[ChatMessage]) -> str:
+    """The key that routes a request to a model replica (Textbot's router hashes it: see
+    deploy.yaml's request_router_config), so a conversation's turns meet its prefix cache:
+    the client's session id, else the conversation's opening, which every later turn repeats."""
+    if session_id:
+        return session_id
+    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages) - 1)
+    opening = [(m.role, m.content) for m in messages[:first_user + 1]]
+    return hashlib.sha256(json.dumps(opening).encode()).hexdigest()[:32]
+
+
 class RemoteReply:
     """A reply streaming from a Textbot replica: iterate once for its text; then
     `finish_reason` and the token counts are those the replica reported."""
 
     def __init__(self, handle: DeploymentHandle, route: str, messages: list[ChatMessage],
-                 sampling: SamplingParams, strict: bool = False):
-        self._response = handle.options(stream=True).stream_reply.remote(messages, sampling, strict, route)
+                 sampling: SamplingParams, strict: bool = False, session: str | None = None):
+        key = conversation_key(session, messages)
+        self._response = (handle.options(stream=True, session_id=key)
+                          .stream_reply.remote(messages, sampling, strict, route))
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.finish_reason: str | None = None
         self._started = False
@@ -141,12 +162,13 @@ class TextbotAPI:
         temperature: Annotated[float | None, Query(ge=0.0, le=2.0)] = None,
         top_p: Annotated[float | None, Query(gt=0.0, le=1.0)] = None,
         seed: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+        session_id: SessionHeader = None,
     ) -> StreamingResponse:
         """The Ray Serve tutorial's endpoint: the reply as text/plain, piece by piece."""
         messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed)
-        pieces = aiter(RemoteReply(self.textbot, "POST /", messages, sampling))
+        pieces = aiter(RemoteReply(self.textbot, "POST /", messages, sampling, session=session_id))
         # Wait for the first piece before sending the status line: a generation that
         # fails at once is then a 500 with a message, not a 200 cut short.
         first = await anext(pieces, "")
@@ -156,7 +178,7 @@ class TextbotAPI:
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion,
               summary="OpenAI-compatible chat completions, streaming (SSE) or not")
-    async def chat_completions(self, request: ChatCompletionRequest):
+    async def chat_completions(self, request: ChatCompletionRequest, session_id: SessionHeader = None):
         if request.model not in (None, self.model_name):
             raise APIError(404, f"The model {request.model!r} does not exist; this server serves "
                            f"{self.model_name!r}.", param="model", code="model_not_found")
@@ -168,7 +190,8 @@ class TextbotAPI:
             messages, dropped = await self._fit(messages, request.token_limit)
         sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
                                   top_p=request.top_p, seed=request.seed)
-        reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True)
+        reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True,
+                            session=session_id)
         text = CompletionText(reply, request.stop_strings)
         headers = {DROPPED_HEADER: str(dropped)}
         if request.stream:
@@ -188,6 +211,7 @@ class TextbotAPI:
         conversation, trimmed from its oldest turns to fit the model's context."""
         await ws.accept()
         conversation: list[ChatMessage] = []
+        session = ws.headers.get("x-session-id") or uuid.uuid4().hex  # the connection is the conversation
         while True:
             try:
                 frame = await ws.receive()
@@ -205,7 +229,8 @@ class TextbotAPI:
             reply = ""
             try:
                 conversation, _ = await self._fit([*conversation, ChatMessage(role="user", content=text)])
-                async for piece in RemoteReply(self.textbot, "WebSocket /", conversation, SamplingParams()):
+                async for piece in RemoteReply(self.textbot, "WebSocket /", conversation, SamplingParams(),
+                                               session=session):
                     reply += piece
                     await ws.send_text(piece)
             except APIError as error:  # 1013: "try again later"

@@ -58,11 +58,11 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def _is_field(part) -> bool:
-    """Field names and list indexes; not where the request came from ("body") nor the
+    """Field and header names and list indexes; not where the request came from ("body") nor the
     tags pydantic adds for a union's branches ("str", "list[TextPart]")."""
     if isinstance(part, int):
         return True
-    return bool(re.fullmatch(r"[a-z_][a-z0-9_]*", part)) and part not in _TYPE_TAGS | {"body", "query", "path"}
+    return bool(re.fullmatch(r"[a-z_][a-z0-9_-]*", part)) and part not in _TYPE_TAGS | {"body", "query", "path", "header"}
 
 
 def _describe(error: dict) -> tuple[str, str | None]:

@@ -70,6 +70,16 @@ def wedging_app(source: Path) -> dict:
     return app
 
 
+def pair_app(name: str, source: Path, deploy_config: dict) -> dict:
+    """Textbot with two model replicas, routed as deploy.yaml routes the default model's."""
+    [shipped] = [d for app in deploy_config["applications"] if app["name"] == "textbot"
+                 for d in app["deployments"] if d["name"] == "Textbot"]
+    app = tiny_app(name, source)
+    textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
+    textbot |= {"num_replicas": 2, "request_router_config": shipped["request_router_config"]}
+    return app
+
+
 def page_app(name: str, textbot_app: str, generation: dict | None = None, env: dict | None = None) -> dict:
     """The chat page in front of `textbot_app`."""
     app = {"name": name, "route_prefix": f"/{name}", "import_path": "ui.deployment:build_app",
@@ -99,6 +109,7 @@ def serve_config(tiny_models) -> dict:
         tiny_app("tiny-busy", chat, {"max_new_tokens": 2000}, max_running=1, max_waiting=4),
         tiny_app("tiny-capped", chat, max_seconds=0.3),
         tiny_app("tiny-victim", chat),  # the fault tests kill its replica
+        pair_app("tiny-pair", chat, config),  # two replicas: conversations stay with their prefix cache
         wedging_app(slow),  # the health tests wedge its decode loop
         # Access control switched on through the environment, as an operator would.
         tiny_app("tiny-locked", chat, env={"TEXTBOT_API_KEY": API_KEY}),

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Callable
 
 import gradio as gr
 
-# (messages, sampling, notify) -> text pieces; `notify` shows the user a side note.
-StreamSource = Callable[[list[dict], dict, Callable[[str], None]], AsyncIterator[str]]
+# (messages, sampling, notify, session) -> text pieces; `notify` shows the user a side note,
+# `session` names the conversation.
+StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None], AsyncIterator[str]]
 
 
 def text_of(content) -> str:
@@ -38,6 +39,17 @@ def reason(error: BaseException) -> str:
     return str(message).strip() or cause.__class__.__name__
 
 
+def browser_session() -> str | None:
+    """The page's Gradio session (one per browser tab): its conversation's key, so its turns
+    reach the model replica that holds its prefix cache. ChatInterface passes no gr.Request
+    to a streaming chat function; the event's request is in Gradio's context, where
+    ChatInterface itself reads it for its examples."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    return getattr(request, "session_hash", None)
+
+
 def make_chat_fn(source: StreamSource):
     async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens):
         if not text_of(message).strip():
@@ -45,7 +57,8 @@ def make_chat_fn(source: StreamSource):
         sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": int(max_new_tokens)}
         reply = ""
         try:
-            async for piece in source(to_messages(message, history, system_prompt), sampling, gr.Warning):
+            messages = to_messages(message, history, system_prompt)
+            async for piece in source(messages, sampling, gr.Warning, browser_session()):
                 reply += piece
                 yield reply
         except gr.Error:

@@ -18,11 +18,14 @@ def handle_source(handle):
     """Stream from Textbot's `stream_chat` through a DeploymentHandle (inside Serve)."""
     streaming = handle.options(stream=True)
 
-    async def stream(messages: list[dict], sampling: dict, notify: Notify) -> AsyncIterator[str]:
+    async def stream(messages: list[dict], sampling: dict, notify: Notify,
+                     session: str | None = None) -> AsyncIterator[str]:
         fitted = await handle.fit_conversation.remote(messages, sampling.get("max_new_tokens"))
         if fitted["dropped"]:
             notify(dropped_notice(fitted["dropped"]))
-        response = streaming.stream_chat.remote(fitted["messages"], sampling)
+        # The session id routes the turn to the replica holding the conversation's prefix cache.
+        routed = streaming.options(session_id=session) if session else streaming
+        response = routed.stream_chat.remote(fitted["messages"], sampling)
         try:
             async for piece in response:
                 yield piece
@@ -47,12 +50,14 @@ def http_source(backend_url: str, api_key: str | None = None, timeout_s: float =
     client = httpx.AsyncClient(base_url=backend_url.rstrip("/") + "/", headers=headers,
                                timeout=httpx.Timeout(timeout_s, connect=10.0))
 
-    async def stream(messages: list[dict], sampling: dict, notify: Notify) -> AsyncIterator[str]:
+    async def stream(messages: list[dict], sampling: dict, notify: Notify,
+                     session: str | None = None) -> AsyncIterator[str]:
         body = {"messages": messages, "stream": True, "temperature": sampling.get("temperature"),
                 "top_p": sampling.get("top_p"), "max_tokens": sampling.get("max_new_tokens"),
                 "truncation": "auto"}
         try:
-            async with client.stream("POST", "v1/chat/completions", json=body) as response:
+            async with client.stream("POST", "v1/chat/completions", json=body,
+                                     headers={"x-session-id": session} if session else None) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise BackendError(_error_message(response))
