@@ -9,6 +9,8 @@ so in their own protocol (an SSE error event, a WebSocket close 1011).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,11 @@ if TYPE_CHECKING:
     from backend.engine import Generation
 
 _messages = TypeAdapter(list[ChatMessage])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @serve.deployment
@@ -104,9 +111,13 @@ class Textbot:
         return {"model": self.engine.loaded.name}
 
     def stats(self) -> dict:
-        """Generations in flight in this replica: for operators and tests."""
+        """This replica's generations in flight, prefix cache and resident memory: for operators
+        and benchmarks."""
         running, waiting = self._load()
-        return {"running": running, "waiting": waiting}
+        cache = self.engine.prefix_cache
+        return {"running": running, "waiting": waiting,
+                "prefix_cache": dataclasses.asdict(cache.stats) if cache else None,
+                "rss_mb": round(_resident_bytes() / 2**20, 1)}
 
     def _observed(self, generation: Generation, route: str) -> AsyncIterator[str]:
         return self.metrics.observe(generation, generation.submitted, route, self._report)
