@@ -14,6 +14,10 @@ B. --conversations conversations of --turns turns at once on `on`'s two replicas
 C. --budget-conversations conversations of 3 turns against `budget`: the replica's resident
    memory before and after, the bytes the cache holds, its evictions, and failures.
 
+And first, in-process, D: the same --turns turns (one history, replies from the cache-off
+engine) to a cache-on and a cache-off engine on one model, per weight configuration: how
+many replies are identical, and how many tokens agree before the first difference.
+
 Writes docs/benchmarks/conversations.json and docs/benchmarks/conversations.md.
 """
 
@@ -167,6 +171,40 @@ async def measure(url: str, args: argparse.Namespace, replica_stats) -> dict:
     }
 
 
+def agreement(turns: int, reply_tokens: int) -> list[dict]:
+    """D: greedy replies with the cache on against off, turn by turn on one history."""
+    from backend.engine import Engine, load
+    from backend.protocol import ChatMessage, ResolvedSampling
+    from backend.settings import EngineSettings, ModelSettings
+
+    greedy = ResolvedSampling(max_new_tokens=reply_tokens, temperature=0.0, top_p=1.0)
+    rows = []
+    for quantization in ("int4", "none"):
+        loaded = load(ModelSettings(quantization=quantization))
+        on, off = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache_mb=0))
+
+        async def reply(engine, history) -> list[int]:
+            text = "".join([piece async for piece in engine.submit(history, greedy)])
+            return text, loaded.tokenizer.encode(text)
+
+        async def compare() -> dict:
+            history, identical, agreed, total = [], 0, 0, 0
+            for question in QUESTIONS[:turns]:
+                history.append(ChatMessage(role="user", content=question))
+                (text, expected), (_, got) = await reply(off, history), await reply(on, history)
+                same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+                identical += expected == got
+                agreed, total = agreed + same, total + len(expected)
+                history.append(ChatMessage(role="assistant", content=text))
+            return {"quantization": quantization, "identical_replies": identical, "turns": turns,
+                    "tokens_before_first_difference": agreed, "tokens": total}
+        try:
+            rows.append(asyncio.run(compare()))
+        finally:
+            on.shutdown(), off.shutdown()
+    return rows
+
+
 def report(run: dict) -> str:
     a, b, c = run["single"], run["concurrent"], run["budget"]
     lines = [
@@ -192,7 +230,11 @@ def report(run: dict) -> str:
               f"## C. {c['conversations']} conversations of 3 turns, a {c['budget_mb']} MB cache", "",
               f"Replica resident memory {c['rss_mb_before']} MB before, {c['rss_mb_after']} MB after; the cache "
               f"holds {c['cache_mb_held']} MB after {c['evictions']} evictions; {c['errors']} of {c['turns']} "
-              "turns failed.", ""]
+              "turns failed.", "",
+              "## D. Greedy replies with the cache on and off, in-process, one history", "",
+              "| weights | identical replies | tokens before the first difference |", "| --- | ---: | ---: |",
+              *(f"| {d['quantization']} | {d['identical_replies']} of {d['turns']} | "
+                f"{d['tokens_before_first_difference']} of {d['tokens']} |" for d in run["agreement"]), ""]
     return "\n".join(lines)
 
 
@@ -206,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     args = parse_args(argv)
+    agreed = agreement(args.turns, args.reply_tokens)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -229,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    run |= {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    run |= {"agreement": agreed, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["python", "-m", "bench.conversations", *(argv or sys.argv[1:])]),
             "settings": vars(args) | {"out": str(args.out)}}
     args.out.mkdir(parents=True, exist_ok=True)

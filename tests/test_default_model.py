@@ -59,3 +59,38 @@ def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_p
     assert from_cache.tokenizer.encode(prompt) == from_gguf.tokenizer.encode(prompt)
     assert from_cache.tokenizer.chat_template == from_gguf.tokenizer.chat_template
     assert (from_cache.context_length, from_cache.eos_token_ids) == (from_gguf.context_length, from_gguf.eos_token_ids)
+
+
+def test_float_weights_reply_the_same_with_the_prefix_cache_on_and_off():
+    """On the default model with float weights (the reference), a conversation's greedy replies
+    do not depend on whether its earlier turns came from the prefix cache. (With int4 weights
+    they may: the kernel takes bfloat16 activations, and reading a prompt in other pieces moves
+    logits by up to ~0.4; `python -m bench.conversations` measures how often replies differ.)"""
+    import asyncio
+
+    from backend.engine import Engine, load
+    from backend.protocol import ChatMessage, ResolvedSampling
+    from backend.settings import EngineSettings, ModelSettings
+    from tests.conftest import app_config, load_deploy_config
+
+    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    loaded = load(settings.model_copy(update={"quantization": "none"}))
+    cached, uncached = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache_mb=0))
+    greedy = ResolvedSampling(max_new_tokens=24, temperature=0.0, top_p=1.0)
+
+    async def converse(engine) -> tuple[list[str], int]:
+        history, replies, reused = [], [], 0
+        for question in ("Hi! What is the Moon?", "Why does it have craters?", "And the Sun?"):
+            history.append(ChatMessage(role="user", content=question))
+            generation = engine.submit(history, greedy)
+            replies.append("".join([piece async for piece in generation]))
+            reused += generation.cached_tokens
+            history.append(ChatMessage(role="assistant", content=replies[-1]))
+        return replies, reused
+
+    try:
+        (with_cache, reused), (without, none_reused) = asyncio.run(converse(cached)), asyncio.run(converse(uncached))
+    finally:
+        cached.shutdown(), uncached.shutdown()
+    assert with_cache == without
+    assert reused > 0 and none_reused == 0
