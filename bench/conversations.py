@@ -213,15 +213,17 @@ def report(run: dict) -> str:
         f"(streamed, greedy, {run['settings']['reply_tokens']}-token replies in A). Same run, one after another: "
         "compare ratios.", "",
         "## A. One conversation, the whole history sent every turn", "",
-        "| turn | prompt tokens | cached (on) | TTFT off ms | TTFT on ms |", "| ---: | ---: | ---: | ---: | ---: |",
+        "Each conversation grows from its own replies (they may differ: D), so each has its own prompt tokens.", "",
+        "| turn | cache off: prompt tokens | TTFT ms | cache on: prompt tokens | cached | TTFT ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for i, (off, on) in enumerate(zip(a["off"], a["on"]), 1):
-        lines.append(f"| {i} | {off.get('prompt_tokens')} | {on.get('cached_tokens')} | {off.get('ttft_ms')} "
-                     f"| {on.get('ttft_ms')} |")
+        lines.append(f"| {i} | {off.get('prompt_tokens')} | {off.get('ttft_ms')} | {on.get('prompt_tokens')} "
+                     f"| {on.get('cached_tokens')} | {on.get('ttft_ms')} |")
     last, first = len(a["on"]) - 1, 0
     ratio = lambda rows: rows[last]["ttft_ms"] / rows[first]["ttft_ms"]  # noqa: E731
     lines += ["", f"Last turn's TTFT over the first's: cache off {ratio(a['off']):.1f}x, on {ratio(a['on']):.1f}x. "
-              f"Replies the same with the cache on and off: {'yes' if run['single_replies_identical'] else 'NO'}.", "",
+              f"Replies the same with the cache on and off: {'yes' if run['single_replies_identical'] else 'no (D)'}.", "",
               f"## B. {b['conversations']} conversations of {b['turns']} turns at once, two replicas", "",
               f"Prompt-token hit ratio from turn 2 on: {b['hit_ratio_from_turn_2']:.1%}. Conversations that found "
               f"their previous turn cached at every turn (served by one replica): "
