@@ -189,7 +189,10 @@ class TextbotAPI:
         if request.truncation == "auto":
             messages, dropped = await self._fit(messages, request.token_limit)
         sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
-                                  top_p=request.top_p, seed=request.seed)
+                                  top_p=request.top_p, seed=request.seed,
+                                  presence_penalty=request.presence_penalty or 0.0,
+                                  frequency_penalty=request.frequency_penalty or 0.0,
+                                  logit_bias=request.logit_bias)
         reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True,
                             session=session_id)
         text = CompletionText(reply, request.stop_strings)

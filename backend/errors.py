@@ -39,6 +39,10 @@ class PromptTooLongError(ValueError):
     """The engine's: the prompt leaves no room in the model's context for a reply."""
 
 
+class InvalidSamplingError(ValueError):
+    """The engine's: a sampling parameter the model cannot take (a token id beyond its vocabulary)."""
+
+
 class EngineBusyError(RuntimeError):
     """The engine's: every generation slot and waiting place is taken; try again shortly."""
 

@@ -34,6 +34,9 @@ class SamplingParams(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
 
 
 class ResolvedSampling(BaseModel):
@@ -45,6 +48,11 @@ class ResolvedSampling(BaseModel):
     temperature: float
     top_p: float
     seed: int | None = None
+    # As OpenAI defines them: subtracted from the logits of tokens the reply has used,
+    # once (presence) or per use (frequency); logit_bias is added by token id.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     @property
     def greedy(self) -> bool:

@@ -18,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from backend.conversation import fit_to_context
-from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, PromptTooLongError
+from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, InvalidSamplingError, PromptTooLongError
 from backend.metrics import ReplyMetrics
 from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, check_text
 from backend.settings import TextbotSettings
@@ -142,12 +142,18 @@ class Textbot:
             temperature=defaults.temperature if params.temperature is None else params.temperature,
             top_p=params.top_p or defaults.top_p,
             seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=params.logit_bias,
         )
         try:
             return self.engine.submit(messages, sampling, shorten=not (strict and params.max_new_tokens))
         except PromptTooLongError as exc:
             self.metrics.refused.inc(tags={"kind": "context_length_exceeded"})
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except InvalidSamplingError as exc:
+            self.metrics.refused.inc(tags={"kind": "invalid_request"})
+            raise APIError(400, str(exc), param="logit_bias") from None
         except EngineBusyError as exc:
             self.metrics.refused.inc(tags={"kind": "overloaded"})
             raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None

@@ -31,7 +31,11 @@ JSON_BODIES = [
     ({"messages": HELLO, "stream": "yes please"}, 400, "stream"),
     ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": HELLO, "max_tokens": 10**6}, 400, "max_tokens"),
-    ({"messages": HELLO, "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ({"messages": HELLO, "presence_penalty": 3.0}, 400, "presence_penalty"),
+    ({"messages": HELLO, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": {"five": 1}}, 400, "logit_bias.five"),
+    ({"messages": HELLO, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),  # beyond the vocabulary
+    ({"messages": HELLO, "metadata": {"k": 1}}, 400, "metadata.k"),
     ({"messages": HELLO, "truncation": "sometimes"}, 400, "truncation"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, 400,
      "messages.0.content"),

@@ -62,6 +62,32 @@ def test_the_next_turn_reports_the_prompt_tokens_read_from_the_prefix_cache(clie
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == second.choices[0].message.content
 
 
+def test_logit_bias_and_penalties_steer_the_reply(client, tiny_models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["tiny-chat"])
+    [forced] = tokenizer.encode("Hello")[:1]
+    reply = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=4, temperature=0,
+                                           logit_bias={str(forced): 100})
+    assert tokenizer.encode(reply.choices[0].message.content) == [forced] * 4
+    # A bias of 10 forces the token every time; with penalties each use costs more (2 once, 2 a use).
+    def uses(**penalties) -> int:
+        reply = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=6, temperature=0,
+                                               logit_bias={str(forced): 10}, **penalties)
+        return tokenizer.encode(reply.choices[0].message.content).count(forced)
+
+    assert uses() == 6
+    assert uses(frequency_penalty=2.0, presence_penalty=2.0) < 6
+
+
+def test_parameters_that_do_not_change_the_reply_are_accepted(client):
+    plain = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=6, temperature=0)
+    with_extras = client.chat.completions.create(
+        model="tiny-chat", messages=HELLO, max_tokens=6, temperature=0, user="ada", store=False,
+        metadata={"ticket": "4711"}, parallel_tool_calls=False, service_tier="auto")
+    assert with_extras.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_max_completion_tokens_is_honoured(client):
     completion = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_completion_tokens=5,
                                                 temperature=0)

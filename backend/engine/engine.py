@@ -29,7 +29,7 @@ import torch
 
 from backend.engine import batch as generic_path, slots
 from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.errors import EngineBusyError, GenerationError, PromptTooLongError
+from backend.errors import EngineBusyError, GenerationError, InvalidSamplingError, PromptTooLongError
 from backend.engine.loading import LoadedModel
 from backend.engine.prefix_cache import PrefixCache
 from backend.engine.prompt import encode_chat
@@ -180,6 +180,10 @@ class Engine:
         A reply that would overflow the context is cut at its end when `shorten`,
         refused otherwise; a prompt that fills the context is always refused.
         """
+        if sampling.logit_bias and (outside := [i for i in sampling.logit_bias
+                                                if not 0 <= i < self.loaded.model.config.vocab_size]):
+            raise InvalidSamplingError(f"logit_bias names token ids outside the vocabulary (0 to "
+                                       f"{self.loaded.model.config.vocab_size - 1}): {outside[:5]}.")
         prompt_ids = encode_chat(self.loaded.tokenizer, messages)
         room = self.context_length - len(prompt_ids)
         if room < 1 or (not shorten and sampling.max_new_tokens > room):
@@ -314,7 +318,7 @@ class Engine:
         if time.monotonic() > request.deadline:
             return self._finish(request, _Finished("length"))
         try:
-            token_id = sample(logits, generation.sampling, request.rng)
+            token_id = sample(logits, generation.sampling, request.rng, request.sampled)
         except Exception as exc:
             log.exception("Sampling for generation %d failed", generation.id)
             return self._finish(request, _Finished("error", _failure(exc)))

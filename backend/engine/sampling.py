@@ -7,8 +7,11 @@ import torch
 from backend.protocol import ResolvedSampling
 
 
-def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling."""
+def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator,
+           generated: list[int] = ()) -> int:
+    """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling.
+    Logit bias and the penalties on the tokens already `generated` apply first, to both."""
+    logits = adjust(logits, sampling, generated)
     if sampling.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -21,3 +24,18 @@ def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generato
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def adjust(logits: torch.Tensor, sampling: ResolvedSampling, generated: list[int]) -> torch.Tensor:
+    """OpenAI's logit_bias, presence and frequency penalties (a copy; untouched when none is set)."""
+    penalised = generated and (sampling.presence_penalty or sampling.frequency_penalty)
+    if not (sampling.logit_bias or penalised):
+        return logits
+    logits = logits.float().clone()
+    if sampling.logit_bias:
+        ids = torch.tensor(list(sampling.logit_bias))
+        logits[ids] += torch.tensor(list(sampling.logit_bias.values()))
+    if penalised:
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[-1])[:logits.shape[-1]]
+        logits -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
+    return logits

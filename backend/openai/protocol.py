@@ -52,15 +52,24 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, description="Only 1 is supported.")
-    user: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
+        "Subtracted from a token's logit once per use in the reply so far."))
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
+        "Subtracted from a token's logit once it appears in the reply."))
+    logit_bias: Annotated[dict[int, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = Field(
+        None, description="Token id -> value added to its logit before sampling (-100 bans it, 100 forces it).")
+    # Accepted so that clients which send them work unchanged; they do not change the reply.
+    user: str | None = Field(None, description="Accepted; not used.")
+    store: bool | None = Field(None, description="Accepted; nothing is stored.")
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = Field(None, description="Accepted; not used.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; this server has no tools yet.")
+    service_tier: str | None = Field(None, description="Accepted; there is one tier.")
     truncation: Literal["disabled", "auto"] = Field(
         "disabled",
         description=("Textbot extension, named as in OpenAI's Responses API: 'auto' drops the oldest turns "
                      "(never system messages or the last message) until the conversation fits the context; "
                      "the response header X-Textbot-Dropped-Messages says how many."),
     )
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
 
     @field_validator("n")
     @classmethod
@@ -68,13 +77,6 @@ class ChatCompletionRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported: send one request per reply")
         return n
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported; leave it out or send 0")
-        return value
 
     @field_validator("stop")
     @classmethod
