@@ -4,11 +4,13 @@ Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
 `async for piece in generation` and `generation.cancel()`.
 
 Inside, one decode loop per engine runs continuous (iteration-level) batching.
-At every step it admits waiting requests, reads up to `prefill_chunk` tokens of
-their prompts (short ones together in one forward pass, a long one a chunk at a
-time; a prompt read to its end joins the batch), runs one forward pass that
-decodes a token for every running request, and retires finished and cancelled
-requests at once. So nobody waits for a partner, for the longest reply, or for a
+At every step it admits waiting requests (each takes its prompt's longest prefix
+the prefix cache holds, so a conversation's next turn reads only its new tokens),
+reads up to `prefill_chunk` tokens of their prompts (short ones together in one
+forward pass, a long one a chunk at a time; a prompt read to its end joins the
+batch), runs one forward pass that decodes a token for every running request, and
+retires finished and cancelled requests at once, keeping their keys and values in
+the prefix cache. So nobody waits for a partner, for the longest reply, or for a
 long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
 `_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `slots.py`
 (the lean path for Llama models) or `batch.py` (any other, through Hugging Face's forward).
