@@ -100,7 +100,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None = None
     deadline: float = float("inf")
     running: bool = False  # admitted to the batch
-    length: int = 0  # tokens of this request in the KV cache
+    length: int = 0  # tokens of this request in the KV cache (its prompt's, once read)
     next_token: int = 0  # sampled and streamed, fed to the model at the next step
     sampled: list[int] = field(default_factory=list)  # the reply's token ids so far
     outcome: str | None = None  # the finish reason, once finished
@@ -195,7 +195,8 @@ class Engine:
                 "Shorten the conversation or ask for fewer tokens."
             )
         generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
-        request = _Request(generation, prompt_ids, min(sampling.max_new_tokens, room), asyncio.get_running_loop())
+        request = _Request(generation, prompt_ids, min(sampling.max_new_tokens, room), asyncio.get_running_loop(),
+                           length=len(prompt_ids))
         with self._work:
             if self._pending >= self.limits.max_running + self.limits.max_waiting:
                 raise EngineBusyError(
@@ -292,8 +293,6 @@ class Engine:
     def _join(self, batch, rows) -> None:
         """Sample each read prompt's first token; those that go on decoding join the batch."""
         going_on = [self._advance(request, logits) for request, logits in zip(rows.requests, rows.logits)]
-        for request in rows.requests:
-            request.length = len(request.prompt_ids)
         self._remember(rows, [r for r, going in zip(rows.requests, going_on) if not going])
         if any(going_on):
             batch.add(rows.select(going_on))

@@ -24,9 +24,7 @@ class ModelLocation:
 
 
 def locate(settings: ModelSettings) -> ModelLocation:
-    """Resolve `model.source` without loading weights, failing with an actionable message.
-
-    """
+    """Resolve `model.source` without loading weights, failing with an actionable message."""
     source = settings.source
     if source.startswith("package:"):
         return _locate_in_package(source)

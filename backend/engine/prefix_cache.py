@@ -14,7 +14,7 @@ earlier turn): the match simply ends earlier.
 
 One cache per engine, used by its decode loop thread only. The budget counts the
 bytes of the tensors held; least recently used entries go first, except those a
-request admitted but not yet read still needs (`pin`).
+request admitted but not yet read still needs (pinned by its `Hit` until released).
 """
 
 from __future__ import annotations

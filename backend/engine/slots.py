@@ -196,7 +196,7 @@ class Rows:
         return Rows(requests, self.logits[rows], self.kv)
 
     def columns(self, request) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return self.kv.columns(self.requests.index(request), len(request.prompt_ids))
+        return self.kv.columns(self.requests.index(request), request.length)
 
 
 def read_whole(model: torch.nn.Module, readers: list[PromptReader]) -> Rows:
