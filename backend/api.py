@@ -1,7 +1,7 @@
 """TextbotAPI: the HTTP ingress under /api. It validates requests, streams each
 reply from a Textbot replica through a DeploymentHandle, and speaks the
 protocols: the tutorial's text stream and WebSocket chat, and OpenAI's chat
-completions.
+completions and completions (backend/openai/).
 
 It loads no model (no torch import), so it starts in seconds and outlives the
 model replicas: when one dies mid-reply, the client still gets an error in its
@@ -28,9 +28,10 @@ from ray.serve.handle import DeploymentHandle
 from backend.auth import BearerKeyMiddleware
 from backend.errors import RETRY_AFTER_S, APIError, GenerationError, install_error_handlers
 from backend.limits import install_body_limit
-from backend.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
-from backend.openai.serving import CompletionText, complete, sse_stream
-from backend.protocol import ChatMessage, SamplingParams, check_text
+from backend.openai import chat, completions, tools
+from backend.openai.protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard,
+                                     ModelList)
+from backend.protocol import ChatMessage, ReplyPiece, SamplingParams, ToolSpec, check_text
 from backend.settings import TextbotSettings
 
 api = FastAPI(
@@ -85,48 +86,50 @@ def served_error(error: Exception, mid_reply: bool) -> Exception:
     return error
 
 
-def conversation_key(session_id: str | None, messages: list[ChatMessage]) -> str:
+def conversation_key(session_id: str | None, messages: list[ChatMessage] | str | list[int]) -> str:
     """The key that routes a request to a model replica (Textbot's router hashes it: see
     deploy.yaml's request_router_config), so a conversation's turns meet its prefix cache:
-    the client's session id, else the conversation's opening, which every later turn repeats."""
+    the client's session id, else the conversation's opening, which every later turn repeats
+    (for a plain prompt, its first 256 characters or tokens)."""
     if session_id:
         return session_id
+    if not messages or not isinstance(messages[0], ChatMessage):
+        return hashlib.sha256(json.dumps(messages[:256]).encode()).hexdigest()[:32]
     first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages) - 1)
     opening = [(m.role, m.content) for m in messages[:first_user + 1]]
     return hashlib.sha256(json.dumps(opening).encode()).hexdigest()[:32]
 
 
 class RemoteReply:
-    """A reply streaming from a Textbot replica: iterate once for its text; then
-    `finish_reason` and the token counts are those the replica reported."""
+    """A reply streaming from a Textbot replica: iterate once for its pieces (ReplyPiece:
+    text, token counts, and with `n` > 1 the choice's index), or `text()` for its text.
+    `prompt` is a conversation (which may call `tools`), a text, or token ids."""
 
-    def __init__(self, handle: DeploymentHandle, route: str, messages: list[ChatMessage],
-                 sampling: SamplingParams, strict: bool = False, session: str | None = None):
-        key = conversation_key(session, messages)
+    def __init__(self, handle: DeploymentHandle, route: str, prompt: list[ChatMessage] | str | list[int],
+                 sampling: SamplingParams, strict: bool = False, session: str | None = None,
+                 tools: list[ToolSpec] | None = None):
+        key = conversation_key(session, prompt)
         self._response = (handle.options(stream=True, session_id=key)
-                          .stream_reply.remote(messages, sampling, strict, route))
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
-        self.finish_reason: str | None = None
-        self._started = False
+                          .stream_reply.remote(prompt, sampling, strict, route, tools))
+        self._open = True
 
-    def cancel(self) -> None:
-        if self.finish_reason is None:
-            self._response.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def __aiter__(self) -> AsyncIterator[ReplyPiece]:
+        started = False
         try:
             async for piece in self._response:
-                self._started = True
-                self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
-                self.cached_tokens = piece.cached_tokens
-                self.finish_reason = piece.finish_reason
-                if piece.text:
-                    yield piece.text
+                started = True
+                yield piece
+            self._open = False
         except Exception as error:
-            raise served_error(error, self._started) from None
+            raise served_error(error, started) from None
         finally:
-            # The client went away (or a stop string ended the reply): free the replica's slot now.
-            self.cancel()
+            if self._open:  # the client went away: free the replica's slot now
+                self._response.cancel()
+
+    async def text(self) -> AsyncIterator[str]:
+        async for piece in self:
+            if piece.text:
+                yield piece.text
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
@@ -134,11 +137,19 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
     await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
 
 
-async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    if first:
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    if first is not None:
         yield first
     async for piece in rest:
         yield piece
+
+
+async def started(stream) -> AsyncIterator:
+    """`stream` with its first item awaited before the response starts: a request the
+    replica refuses (overloaded, too long, a schema it cannot enforce) is then an HTTP
+    error with its status, not a 200 followed by an error event."""
+    items = aiter(stream)
+    return _chain(await anext(items, None), items)
 
 
 # Module-level helpers the class uses stay above it: Serve ships the ingress class
@@ -168,13 +179,8 @@ class TextbotAPI:
         messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed)
-        pieces = aiter(RemoteReply(self.textbot, "POST /", messages, sampling, session=session_id))
-        # Wait for the first piece before sending the status line: a generation that
-        # fails at once is then a 500 with a message, not a 200 cut short.
-        first = await anext(pieces, "")
-        return StreamingResponse(
-            _chain(first, pieces), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
-        )
+        pieces = await started(RemoteReply(self.textbot, "POST /", messages, sampling, session=session_id).text())
+        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS)
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion,
               summary="OpenAI-compatible chat completions, streaming (SSE) or not")
@@ -184,24 +190,50 @@ class TextbotAPI:
                            f"{self.model_name!r}.", param="model", code="model_not_found")
         messages = [m.to_chat() for m in request.messages]
         for message in messages:
-            self._check_text(message.content, "messages")
+            if not message.tool_calls:  # an assistant turn that only called tools may say nothing
+                self._check_text(message.content, "messages")
         dropped = 0
         if request.truncation == "auto":
             messages, dropped = await self._fit(messages, request.token_limit)
+        schema = tools.forced_schema(request) or (request.response_format and request.response_format.output_schema())
         sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
-                                  top_p=request.top_p, seed=request.seed,
+                                  top_p=request.top_p, seed=request.seed, n=request.n,
                                   presence_penalty=request.presence_penalty or 0.0,
                                   frequency_penalty=request.frequency_penalty or 0.0,
-                                  logit_bias=request.logit_bias)
+                                  logit_bias=request.logit_bias, stop=request.stop_strings or None,
+                                  logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                                  output_schema=schema)
         reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True,
-                            session=session_id)
-        text = CompletionText(reply, request.stop_strings)
+                            session=session_id, tools=tools.tools_for_prompt(request))
         headers = {DROPPED_HEADER: str(dropped)}
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(sse_stream(text, self.model_name, include_usage),
+            return StreamingResponse(chat.sse_stream(request, await started(reply), self.model_name),
                                      media_type="text/event-stream", headers=STREAM_HEADERS | headers)
-        return JSONResponse((await complete(text, self.model_name)).model_dump(), headers=headers)
+        return JSONResponse((await chat.complete(request, reply, self.model_name)).model_dump(), headers=headers)
+
+    @api.post("/v1/completions", response_model=Completion,
+              summary="OpenAI-compatible (legacy) text completions, streaming (SSE) or not")
+    async def completions(self, request: CompletionRequest, session_id: SessionHeader = None):
+        if request.model not in (None, self.model_name):
+            raise APIError(404, f"The model {request.model!r} does not exist; this server serves "
+                           f"{self.model_name!r}.", param="model", code="model_not_found")
+        prompts = request.prompts
+        if request.text_prompts:
+            for prompt in prompts:
+                self._check_text(prompt, "prompt")
+        sampling = SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature,
+                                  top_p=request.top_p, seed=request.seed, n=request.n,
+                                  presence_penalty=request.presence_penalty or 0.0,
+                                  frequency_penalty=request.frequency_penalty or 0.0,
+                                  logit_bias=request.logit_bias, stop=request.stop_strings or None,
+                                  logprobs=request.logprobs)
+        replies = [RemoteReply(self.textbot, "POST /v1/completions", prompt, sampling, strict=True,
+                               session=session_id) for prompt in prompts]
+        if request.stream:
+            replies = await asyncio.gather(*map(started, replies))
+            return StreamingResponse(completions.sse_stream(request, replies, self.model_name),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        return JSONResponse((await completions.complete(request, replies, self.model_name)).model_dump())
 
     @api.get("/v1/models", response_model=ModelList, summary="The served model")
     async def models(self) -> ModelList:
@@ -233,7 +265,7 @@ class TextbotAPI:
             try:
                 conversation, _ = await self._fit([*conversation, ChatMessage(role="user", content=text)])
                 async for piece in RemoteReply(self.textbot, "WebSocket /", conversation, SamplingParams(),
-                                               session=session):
+                                               session=session).text():
                     reply += piece
                     await ws.send_text(piece)
             except APIError as error:  # 1013: "try again later"

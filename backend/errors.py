@@ -40,7 +40,12 @@ class PromptTooLongError(ValueError):
 
 
 class InvalidSamplingError(ValueError):
-    """The engine's: a sampling parameter the model cannot take (a token id beyond its vocabulary)."""
+    """The engine's: a parameter the model cannot take (a token id beyond its vocabulary, a schema
+    its grammar cannot enforce); `param` names it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class EngineBusyError(RuntimeError):

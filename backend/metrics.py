@@ -73,7 +73,8 @@ class ReplyMetrics:
         """Pass a generation's pieces through, timing them; log one line when it ends.
         `report()` brings the replica's gauges up to date."""
         report()
-        _add(self.prompt_tokens, generation.prompt_tokens)
+        if generation.index == 0:  # replies to one prompt (`n`) read it once
+            _add(self.prompt_tokens, generation.prompt_tokens)
         first = last = None
         counted = 0
         error = None
@@ -102,7 +103,7 @@ class ReplyMetrics:
             self.finished.inc(tags={"finish_reason": reason})
             report()
             request_log.info(json.dumps({
-                "event": "reply", "route": route, "prompt_tokens": generation.prompt_tokens,
+                "event": "reply", "route": route, "choice": generation.index, "prompt_tokens": generation.prompt_tokens,
                 "cached_tokens": generation.cached_tokens,
                 "completion_tokens": generation.completion_tokens,
                 "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 1),

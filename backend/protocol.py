@@ -14,8 +14,27 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.errors import APIError
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 GREEDY_BELOW = 1e-5
+# How many alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit).
+MAX_TOP_LOGPROBS = 20
+# Replies from one prompt (`n`); each takes a place in the batch.
+MAX_CHOICES = 8
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, as the model wrote them.")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -23,6 +42,38 @@ class ChatMessage(BaseModel):
 
     role: Role
     content: str
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls of tools.")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call it answers.")
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                             description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    """A tool the model may call, as OpenAI declares it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class OutputSchema(BaseModel):
+    """A JSON schema every reply must follow, enforced token by token while decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict
+    strict: bool = Field(False, description="Refuse a schema with keywords the grammar cannot enforce, "
+                                            "rather than ignoring them.")
+    source: str = Field("response_format", description="The request parameter it came from, for errors.")
 
 
 class SamplingParams(BaseModel):
@@ -37,6 +88,11 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
+    stop: list[str] | None = Field(None, max_length=4, description="The reply ends before the first of these.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "Report each token's log-probability and this many likeliest alternatives; None: do not."))
+    output_schema: OutputSchema | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Replies to generate from the prompt.")
 
 
 class ResolvedSampling(BaseModel):
@@ -53,11 +109,32 @@ class ResolvedSampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    output_schema: OutputSchema | None = None
 
     @property
     def greedy(self) -> bool:
         # Below this, logits / temperature overflows to inf and sampling is greedy anyway.
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the likeliest tokens at its place (OpenAI's
+    logprobs): computed after logit_bias, penalties and the output schema, before temperature."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +150,8 @@ class ReplyPiece:
     completion_tokens: int
     finish_reason: str | None = None
     cached_tokens: int = 0  # of the prompt's, read from the replica's prefix cache
+    index: int = 0  # which of the prompt's replies (`n`) this piece belongs to
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind `text`, when asked for
 
 
 def check_text(text: str, param: str, max_chars: int) -> str:

@@ -20,8 +20,9 @@ from ray import serve
 from backend.conversation import fit_to_context
 from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, InvalidSamplingError, PromptTooLongError
 from backend.metrics import ReplyMetrics
-from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, check_text
+from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, ToolSpec, check_text
 from backend.settings import TextbotSettings
+from backend.streams import merge
 
 if TYPE_CHECKING:
     from backend.engine import Generation
@@ -50,20 +51,30 @@ class Textbot:
         if engine := getattr(self, "engine", None):  # absent if the model failed to load
             engine.shutdown()
 
-    async def stream_reply(self, messages: list[ChatMessage], sampling: SamplingParams,
-                           strict: bool = False, route: str = "handle") -> AsyncIterator[ReplyPiece]:
-        """The reply with its token counts, for the HTTP ingress (already validated there);
-        `route` names the caller's route in the request log.
+    async def stream_reply(self, prompt: list[ChatMessage] | str | list[int], sampling: SamplingParams,
+                           strict: bool = False, route: str = "handle",
+                           tools: list[ToolSpec] | None = None) -> AsyncIterator[ReplyPiece]:
+        """The reply (or `sampling.n` replies, their pieces interleaved, each tagged with its
+        index) with token counts, for the HTTP ingress (already validated there). `prompt` is a
+        conversation (which may call `tools`), a text or token ids; `route` names the caller's
+        route in the request log.
 
         Raises APIError before the first piece if the request cannot be served;
         a failure while generating raises GenerationError from the stream.
         """
-        generation = self._start(messages, sampling, strict)
+        generations = self._start(prompt, sampling, strict, tools)
+        async for piece in merge([self._pieces(generation, route) for generation in generations]):
+            yield piece
+
+    async def _pieces(self, generation: Generation, route: str) -> AsyncIterator[ReplyPiece]:
+        def piece(text: str, finish_reason: str | None = None, logprobs=()) -> ReplyPiece:
+            return ReplyPiece(text, generation.prompt_tokens, generation.tokens_streamed, finish_reason,
+                              generation.cached_tokens, generation.index, tuple(logprobs))
+
         async for text in self._observed(generation, route):
-            yield ReplyPiece(text, generation.prompt_tokens, generation.tokens_streamed,
-                             cached_tokens=generation.cached_tokens)
-        yield ReplyPiece("", generation.prompt_tokens, generation.completion_tokens, generation.finish_reason,
-                         generation.cached_tokens)
+            yield piece(text, logprobs=generation.logprobs)
+        yield dataclasses.replace(piece("", generation.finish_reason),
+                                  completion_tokens=generation.completion_tokens)
 
     async def stream_chat(
         self, messages: list[dict] | list[ChatMessage], sampling: dict | SamplingParams | None = None
@@ -86,7 +97,8 @@ class Textbot:
         except APIError:
             self.metrics.refused.inc(tags={"kind": "invalid_request"})
             raise
-        async for piece in self._observed(self._start(conversation, params), "handle:stream_chat"):
+        [generation] = self._start(conversation, params.model_copy(update={"n": 1}))
+        async for piece in self._observed(generation, "handle:stream_chat"):
             yield piece
 
     async def fit_conversation(self, messages: list[dict] | list[ChatMessage],
@@ -131,12 +143,14 @@ class Textbot:
         running = self.engine.running
         return running, self.engine.in_flight - running
 
-    def _start(self, messages: list[ChatMessage], params: SamplingParams, strict: bool = False) -> Generation:
+    def _start(self, prompt: list[ChatMessage] | str | list[int], params: SamplingParams, strict: bool = False,
+               tools: list[ToolSpec] | None = None) -> list[Generation]:
         """Submit to the engine with defaults filled in. `strict`: a token limit the caller
         asked for must fit in the context (OpenAI's rule), rather than being shortened."""
         defaults = self.settings.generation
-        if defaults.system_prompt and not any(m.role == "system" for m in messages):
-            messages = [ChatMessage(role="system", content=defaults.system_prompt), *messages]
+        if defaults.system_prompt and isinstance(prompt, list) and prompt and isinstance(prompt[0], ChatMessage) \
+                and not any(m.role == "system" for m in prompt):
+            prompt = [ChatMessage(role="system", content=defaults.system_prompt), *prompt]
         sampling = ResolvedSampling(
             max_new_tokens=params.max_new_tokens or defaults.max_new_tokens,
             temperature=defaults.temperature if params.temperature is None else params.temperature,
@@ -145,15 +159,20 @@ class Textbot:
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             logit_bias=params.logit_bias,
+            stop=tuple(params.stop or ()),
+            logprobs=params.logprobs,
+            output_schema=params.output_schema,
         )
         try:
-            return self.engine.submit(messages, sampling, shorten=not (strict and params.max_new_tokens))
+            return self.engine.submit_choices(prompt, sampling, params.n, tools=tools,
+                                              shorten=not (strict and params.max_new_tokens))
         except PromptTooLongError as exc:
             self.metrics.refused.inc(tags={"kind": "context_length_exceeded"})
-            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+            raise APIError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt",
+                           code="context_length_exceeded") from None
         except InvalidSamplingError as exc:
             self.metrics.refused.inc(tags={"kind": "invalid_request"})
-            raise APIError(400, str(exc), param="logit_bias") from None
+            raise APIError(400, str(exc), param=exc.param) from None
         except EngineBusyError as exc:
             self.metrics.refused.inc(tags={"kind": "overloaded"})
             raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None

@@ -261,16 +261,21 @@ def test_prompts_read_together_give_each_the_logits_of_reading_it_alone(engine):
 
 
 def test_logit_bias_and_penalties_apply_before_choosing():
-    from backend.engine.sampling import sample
+    from backend.engine.sampling import adjust, sample
 
     logits = torch.tensor([1.0, 0.9, 0.0])
     greedy = ResolvedSampling(max_new_tokens=1, temperature=0.0, top_p=1.0)
     rng = torch.Generator()
-    assert sample(logits, greedy, rng) == 0
-    assert sample(logits, greedy.model_copy(update={"logit_bias": {2: 5.0}}), rng) == 2
+
+    def choose(update: dict, generated=()) -> int:
+        sampling = greedy.model_copy(update=update)
+        return sample(adjust(logits, sampling, list(generated)), sampling, rng)
+
+    assert choose({}) == 0
+    assert choose({"logit_bias": {2: 5.0}}) == 2
     # Token 0 was used twice: a frequency penalty of 0.1 costs it 0.2, a presence penalty 0.2 once.
-    assert sample(logits, greedy.model_copy(update={"frequency_penalty": 0.1}), rng, [0, 0]) == 1
-    assert sample(logits, greedy.model_copy(update={"frequency_penalty": 0.04}), rng, [0, 0]) == 0
-    assert sample(logits, greedy.model_copy(update={"presence_penalty": 0.2}), rng, [0, 0]) == 1
-    assert sample(logits, greedy.model_copy(update={"presence_penalty": -1.0}), rng, [1]) == 1
+    assert choose({"frequency_penalty": 0.1}, [0, 0]) == 1
+    assert choose({"frequency_penalty": 0.04}, [0, 0]) == 0
+    assert choose({"presence_penalty": 0.2}, [0, 0]) == 1
+    assert choose({"presence_penalty": -1.0}, [1]) == 1
     assert torch.equal(logits, torch.tensor([1.0, 0.9, 0.0]))  # the row itself is left alone

@@ -128,7 +128,17 @@ def test_stream_has_sse_framing_and_no_buffering_headers(http):
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"messages": HELLO, "n": 2}, 400, "n"),
+        ({"messages": HELLO, "n": 9}, 400, "n"),
+        ({"messages": HELLO, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
+        ({"messages": HELLO, "top_logprobs": 2}, 400, None),
+        ({"messages": HELLO, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+        ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "strict": True, "schema": {"type": "string", "format": "no-such-format"}}}},
+         400, "response_format"),
+        ({"messages": HELLO, "tool_choice": "required"}, 400, None),
+        ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, None),
+        ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages.0"),
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
         ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
@@ -151,7 +161,7 @@ def test_bad_requests_get_openai_shaped_errors(http, body, status, param):
 
 
 def test_openai_client_raises_its_own_error_types(client):
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model="tiny-chat", messages=HELLO, n=2)
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 8"):
+        client.chat.completions.create(model="tiny-chat", messages=HELLO, n=9)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)

@@ -32,6 +32,12 @@ class Rows:
         cache, mask = _take_rows(self.cache, self.mask, rows)
         return Rows([r for r, keep in zip(self.requests, kept) if keep], self.logits[rows], cache, mask)
 
+    def take(self, rows: list[int], requests: list) -> Rows:
+        """Rows `rows` (a row may repeat: replies to one prompt) for `requests`."""
+        index = torch.tensor(rows)
+        cache, mask = _take_rows(self.cache, self.mask, index)
+        return Rows(requests, self.logits[index], cache, mask)
+
 
 def read_whole(model: torch.nn.Module, readers: list[PromptReader]) -> Rows:
     """Several prompts in one forward pass, left-padded to the longest. Measured here with

@@ -1,7 +1,8 @@
 """The generation engine: a request in, an async stream of text pieces out, cancellable.
 
-Its whole interface is `Engine.submit(messages, sampling) -> Generation`, then
-`async for piece in generation` and `generation.cancel()`.
+Its whole interface is `Engine.submit(prompt, sampling) -> Generation`, then
+`async for piece in generation` and `generation.cancel()`; `submit_choices` starts
+several replies to one prompt, which is read once.
 
 Inside, one decode loop per engine runs continuous (iteration-level) batching.
 At every step it admits waiting requests (each takes its prompt's longest prefix
@@ -10,7 +11,8 @@ reads up to `prefill_chunk` tokens of their prompts (short ones together in one
 forward pass, a long one a chunk at a time; a prompt read to its end joins the
 batch), runs one forward pass that decodes a token for every running request, and
 retires finished and cancelled requests at once, keeping their keys and values in
-the prefix cache. So nobody waits for a partner, for the longest reply, or for a
+the prefix cache. Per request, sampling applies the output schema's grammar
+(`constraint.py`), the penalties and the seed, and the stop strings end it. So nobody waits for a partner, for the longest reply, or for a
 long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
 `_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `slots.py`
 (the lean path for Llama models) or `batch.py` (any other, through Hugging Face's forward).
@@ -30,13 +32,15 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.engine import batch as generic_path, slots
+from backend.engine.constraint import Constraint, Vocabulary
 from backend.engine.detokenizer import IncrementalDetokenizer
-from backend.errors import EngineBusyError, GenerationError, InvalidSamplingError, PromptTooLongError
 from backend.engine.loading import LoadedModel
 from backend.engine.prefix_cache import PrefixCache
-from backend.engine.prompt import encode_chat
-from backend.engine.sampling import sample
-from backend.protocol import ChatMessage, ResolvedSampling
+from backend.engine.prompt import Prompt, encode_prompt
+from backend.engine.sampling import adjust, sample, token_logprobs
+from backend.engine.stops import StopStrings
+from backend.errors import EngineBusyError, GenerationError, InvalidSamplingError, PromptTooLongError
+from backend.protocol import MAX_CHOICES, ChatMessage, ResolvedSampling, TokenLogprob, ToolSpec
 from backend.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -55,10 +59,12 @@ class Generation:
     id: int
     prompt_tokens: int
     sampling: ResolvedSampling
+    index: int = 0  # which of its prompt's replies (`submit_choices`)
     completion_tokens: int = 0  # sampled so far, by the decode loop
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     tokens_streamed: int = 0  # in the pieces yielded so far: the consumer's view, for its metrics
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens behind the last piece
     submitted: float = field(default_factory=time.monotonic)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -80,7 +86,7 @@ class Generation:
                     if item.error is not None:
                         raise item.error
                     return
-                text, self.tokens_streamed = item
+                text, self.tokens_streamed, self.logprobs = item
                 yield text
         finally:
             # Reached on normal end too (then a no-op), but above all when the consumer
@@ -96,14 +102,24 @@ class _Request:
     prompt_ids: list[int]
     budget: int  # new tokens allowed: the request's limit, cut to the room left in the context
     loop: asyncio.AbstractEventLoop
+    grammar: str | None = None  # the output schema's, compiled at submit
+    siblings: list[_Request] = field(default_factory=list)  # the prompt's other replies, read with this one
     rng: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    constraint: Constraint | None = None
+    stops: StopStrings | None = None
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is held back
     deadline: float = float("inf")
     running: bool = False  # admitted to the batch
     length: int = 0  # tokens of this request in the KV cache (its prompt's, once read)
     next_token: int = 0  # sampled and streamed, fed to the model at the next step
     sampled: list[int] = field(default_factory=list)  # the reply's token ids so far
     outcome: str | None = None  # the finish reason, once finished
+
+    @property
+    def choices(self) -> list[_Request]:
+        """This request and the replies that share its prompt."""
+        return [self, *self.siblings]
 
     @property
     def cached_ids(self) -> list[int]:
@@ -130,6 +146,7 @@ class Engine:
         # Keys and values of finished requests, for the next turn of their conversation.
         self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
                              if self.path is slots and limits.prefix_cache_mb else None)
+        self.vocabulary = Vocabulary(loaded.tokenizer, self.vocab_size, list(loaded.eos_token_ids))
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
@@ -156,6 +173,10 @@ class Engine:
     def context_length(self) -> int:
         return self.loaded.context_length
 
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.model.config.vocab_size
+
     def problem(self) -> str | None:
         """Why the engine cannot serve, or None: its decode loop died, or has work but
         finished no step for `max_stall_seconds` (wedged). For Serve's health check."""
@@ -174,39 +195,62 @@ class Engine:
             self._work.notify()
 
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
-        return len(encode_chat(self.loaded.tokenizer, messages))
+        return len(encode_prompt(self.loaded.tokenizer, messages))
 
-    def submit(self, messages: list[ChatMessage], sampling: ResolvedSampling, shorten: bool = True) -> Generation:
-        """Start generating a reply to `messages`. Call from the event loop.
+    def submit(self, prompt: Prompt, sampling: ResolvedSampling, shorten: bool = True,
+               tools: list[ToolSpec] | None = None) -> Generation:
+        """Start generating a reply to `prompt` (a conversation, a text or token ids; `tools`
+        the conversation may call). Call from the event loop.
 
         A reply that would overflow the context is cut at its end when `shorten`,
         refused otherwise; a prompt that fills the context is always refused.
         """
-        if sampling.logit_bias and (outside := [i for i in sampling.logit_bias
-                                                if not 0 <= i < self.loaded.model.config.vocab_size]):
-            raise InvalidSamplingError(f"logit_bias names token ids outside the vocabulary (0 to "
-                                       f"{self.loaded.model.config.vocab_size - 1}): {outside[:5]}.")
-        prompt_ids = encode_chat(self.loaded.tokenizer, messages)
+        return self.submit_choices(prompt, sampling, 1, shorten, tools)[0]
+
+    def submit_choices(self, prompt: Prompt, sampling: ResolvedSampling, n: int, shorten: bool = True,
+                       tools: list[ToolSpec] | None = None) -> list[Generation]:
+        """`n` replies to one prompt, read once; reply i samples with seed `seed + i`."""
+        self._check_sampling(sampling, n)
+        prompt_ids = encode_prompt(self.loaded.tokenizer, prompt, tools)
+        if outside := [i for i in prompt_ids if not 0 <= i < self.vocab_size]:
+            raise InvalidSamplingError(f"The prompt holds token ids outside the vocabulary (0 to "
+                                       f"{self.vocab_size - 1}): {outside[:5]}.", param="prompt")
         room = self.context_length - len(prompt_ids)
         if room < 1 or (not shorten and sampling.max_new_tokens > room):
             raise PromptTooLongError(
-                f"The conversation is {len(prompt_ids)} tokens and the reply may take up to "
+                f"The prompt is {len(prompt_ids)} tokens and the reply may take up to "
                 f"{sampling.max_new_tokens}; the model's context holds {self.context_length}. "
                 "Shorten the conversation or ask for fewer tokens."
             )
-        generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids), sampling=sampling)
-        request = _Request(generation, prompt_ids, min(sampling.max_new_tokens, room), asyncio.get_running_loop(),
-                           length=len(prompt_ids))
+        grammar = self.vocabulary.grammar(sampling.output_schema) if sampling.output_schema else None
+        loop = asyncio.get_running_loop()
+        requests = []
+        for index in range(n):
+            seed = None if sampling.seed is None else (sampling.seed + index) % 2**63
+            generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids),
+                                    sampling=sampling.model_copy(update={"seed": seed}), index=index)
+            requests.append(_Request(generation, prompt_ids, min(sampling.max_new_tokens, room), loop,
+                                     grammar=grammar, length=len(prompt_ids)))
+        leader = requests[0]
+        leader.siblings = requests[1:]
         with self._work:
-            if self._pending >= self.limits.max_running + self.limits.max_waiting:
+            if self._pending + n > self.limits.max_running + self.limits.max_waiting:
                 raise EngineBusyError(
                     f"All {self.limits.max_running} generation slots and {self.limits.max_waiting} waiting places are "
                     "taken. Try again in a few seconds."
                 )
-            self._pending += 1
-            self._waiting.append(request)
+            self._pending += n
+            self._waiting.append(leader)
             self._work.notify()
-        return generation
+        return [r.generation for r in requests]
+
+    def _check_sampling(self, sampling: ResolvedSampling, n: int) -> None:
+        if not 1 <= n <= min(MAX_CHOICES, self.limits.max_running):
+            raise InvalidSamplingError(f"n must be between 1 and {min(MAX_CHOICES, self.limits.max_running)} "
+                                       "(every reply takes a place in the batch).", param="n")
+        if sampling.logit_bias and (outside := [i for i in sampling.logit_bias if not 0 <= i < self.vocab_size]):
+            raise InvalidSamplingError(f"logit_bias names token ids outside the vocabulary (0 to "
+                                       f"{self.vocab_size - 1}): {outside[:5]}.", param="logit_bias")
 
     # ---- The decode loop (its own thread) -------------------------------------
 
@@ -221,11 +265,14 @@ class Engine:
                     self._last_step = time.monotonic()
                 if self._stopped:
                     break
-                room = self.limits.max_running - len(batch.requests) - len(reading)
-                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-                self._running += len(admitted)
-                for request in admitted:
+                room = self.limits.max_running - len(batch.requests) - sum(len(p.request.choices) for p in reading)
+                admitted = []
+                while self._waiting and len(self._waiting[0].choices) <= room:
+                    admitted.append(self._waiting.popleft())
+                    room -= len(admitted[-1].choices)
+                for request in (choice for leader in admitted for choice in leader.choices):
                     request.running = True
+                    self._running += 1
             reading.extend(filter(None, map(self._admit, admitted)))
             try:
                 self._read_prompts(reading, batch)
@@ -239,33 +286,46 @@ class Engine:
                 batch = self._new_batch()
             with self._lock:
                 self._last_step = time.monotonic()
-        for request in [*batch.requests, *(prompt.request for prompt in reading), *self._waiting]:
+        for request in [*batch.requests, *(c for p in reading for c in p.request.choices),
+                        *(c for leader in self._waiting for c in leader.choices)]:
             self._finish(request, _Finished("cancelled"))
 
     def _new_batch(self):
         return self.path.Batch(self.loaded.model, self.limits.max_running)
 
     def _admit(self, request: _Request):
-        sampling = request.generation.sampling
-        if request.generation.cancelled:  # the client left while it waited
-            self._finish(request, _Finished("cancelled"))
+        """Ready a waiting prompt's replies and start reading it from its longest cached prefix."""
+        if all(choice.generation.cancelled for choice in request.choices):  # the client left while it waited
+            for choice in request.choices:
+                self._finish(choice, _Finished("cancelled"))
             return None
-        request.rng = torch.Generator()
-        request.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        request.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
-        request.deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
         prefix = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache else None
-        request.generation.cached_tokens = prefix.length if prefix else 0
+        deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
+        try:
+            for choice in request.choices:
+                sampling = choice.generation.sampling
+                choice.rng = torch.Generator()
+                choice.rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+                choice.detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
+                choice.stops = StopStrings(sampling.stop)
+                choice.constraint = Constraint(self.vocabulary, choice.grammar) if choice.grammar else None
+                choice.deadline = deadline
+                choice.generation.cached_tokens = prefix.length if prefix else 0
+        except Exception as exc:
+            if prefix:
+                prefix.release()
+            return self._fail(request.choices, exc, "Admission")
         return self.path.PromptReader(self.loaded.model, request, prefix)
 
     def _read_prompts(self, reading: collections.deque, batch) -> None:
         """Read at most `prefill_chunk` prompt tokens in this step, oldest prompt first: those
         not yet started that fit whole go together in one forward pass; what is left of the
         budget reads the next prompt a chunk further. Prompts read to their end join the batch."""
-        for prompt in [p for p in reading if p.request.generation.cancelled]:
+        for prompt in [p for p in reading if all(c.generation.cancelled for c in p.request.choices)]:
             reading.remove(prompt)
             prompt.finish()
-            self._finish(prompt.request, _Finished("cancelled"))
+            for choice in prompt.request.choices:
+                self._finish(choice, _Finished("cancelled"))
         budget = self.limits.prefill_chunk
         whole = []
         while reading and not reading[0].started and reading[0].remaining <= budget:
@@ -277,7 +337,7 @@ class Engine:
             except Exception as exc:  # fails these requests only
                 for prompt in whole:
                     prompt.finish()
-                self._fail([prompt.request for prompt in whole], exc, "Prefill")
+                self._fail([c for prompt in whole for c in prompt.request.choices], exc, "Prefill")
         if reading and budget > 0:
             prompt = reading[0]
             try:
@@ -285,13 +345,17 @@ class Engine:
             except Exception as exc:
                 reading.popleft()
                 prompt.finish()
-                return self._fail([prompt.request], exc, "Prefill")
+                return self._fail(prompt.request.choices, exc, "Prefill")
             if prompt.done:
                 reading.popleft()
                 self._join(batch, prompt.rows())
 
     def _join(self, batch, rows) -> None:
-        """Sample each read prompt's first token; those that go on decoding join the batch."""
+        """Sample each read prompt's first token; those that go on decoding join the batch.
+        A prompt with several replies gives each its own copy of the row it was read into."""
+        if any(request.siblings for request in rows.requests):
+            rows = rows.take([i for i, request in enumerate(rows.requests) for _ in request.choices],
+                             [choice for request in rows.requests for choice in request.choices])
         going_on = [self._advance(request, logits) for request, logits in zip(rows.requests, rows.logits)]
         self._remember(rows, [r for r, going in zip(rows.requests, going_on) if not going])
         if any(going_on):
@@ -318,8 +382,17 @@ class Engine:
             return self._finish(request, _Finished("cancelled"))
         if time.monotonic() > request.deadline:
             return self._finish(request, _Finished("length"))
+        sampling = generation.sampling
         try:
-            token_id = sample(logits, generation.sampling, request.rng, request.sampled)
+            logits = adjust(logits, sampling, request.sampled)
+            if request.constraint:
+                logits = request.constraint.mask(logits)
+            token_id = sample(logits, sampling, request.rng)
+            if sampling.logprobs is not None:
+                request.unsent_logprobs.append(token_logprobs(logits, token_id, sampling.logprobs,
+                                                              self._token_text))
+            if request.constraint and token_id not in self.loaded.eos_token_ids:
+                request.constraint.advance(token_id)
         except Exception as exc:
             log.exception("Sampling for generation %d failed", generation.id)
             return self._finish(request, _Finished("error", _failure(exc)))
@@ -327,17 +400,37 @@ class Engine:
             return self._finish(request, _Finished("stop"))
         generation.completion_tokens += 1
         request.sampled.append(token_id)
-        if piece := request.detokenizer.push(token_id):
-            request.hand_over((piece, generation.completion_tokens))
+        text, stopped = request.stops.push(request.detokenizer.push(token_id))
+        if text:
+            self._send(request, text)
+        if stopped:
+            request.detokenizer = None  # what it still holds comes after the stop string
+            if request.unsent_logprobs:
+                self._send(request, "")
+            return self._finish(request, _Finished("stop"))
+        if request.constraint and request.constraint.complete:
+            return self._finish(request, _Finished("stop"))
         if generation.completion_tokens >= request.budget:
             return self._finish(request, _Finished("length"))
         request.next_token = token_id
         return True
 
+    def _token_text(self, token_id: int) -> tuple[str, bytes]:
+        raw = self.vocabulary.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def _send(self, request: _Request, text: str) -> None:
+        request.hand_over((text, request.generation.completion_tokens, request.unsent_logprobs))
+        request.unsent_logprobs = []
+
     def _finish(self, request: _Request, finished: _Finished) -> bool:
         request.outcome = finished.reason
-        if finished.reason in ("stop", "length") and request.detokenizer and (tail := request.detokenizer.flush()):
-            request.hand_over((tail, request.generation.completion_tokens))
+        if finished.reason in ("stop", "length") and request.detokenizer:
+            # The text held back: by the detokenizer (half a character), by the stop strings (maybe one's start).
+            tail, stopped = request.stops.push(request.detokenizer.flush())
+            tail += "" if stopped else request.stops.flush()
+            if tail or request.unsent_logprobs:
+                self._send(request, tail)
         with self._lock:
             self._pending -= 1
             self._running -= request.running

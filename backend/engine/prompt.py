@@ -1,21 +1,88 @@
-"""A conversation as the model's prompt tokens."""
+"""A prompt as the model's tokens: a conversation (through the model's chat template, with
+the tools it may call), a plain text, or token ids as given."""
 
 from __future__ import annotations
 
-from backend.protocol import ChatMessage
+import json
+
+from backend.protocol import ChatMessage, ToolSpec
+
+Prompt = list[ChatMessage] | str | list[int]
+
+# How a model without tools in its chat template learns of them, and how it calls one
+# (the <tool_call> tags many open chat models are trained on; backend/openai/tools.py reads them).
+TOOLS_INTRO = ("You can call these functions (JSON schemas of their arguments follow):\n{tools}\n"
+               "To call one, reply with <tool_call>{{\"name\": <function name>, \"arguments\": "
+               "<arguments object>}}</tool_call> and nothing else.")
 
 
-def encode_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
+def encode_prompt(tokenizer, prompt: Prompt, tools: list[ToolSpec] | None = None) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    return encode_chat(tokenizer, prompt, tools)
+
+
+def encode_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
     """Prompt tokens for a conversation, ending where the assistant's reply starts.
 
-    Models with a chat template use it. Models without one (DialoGPT, GPT-2)
-    get DialoGPT's own training format: each turn's text followed by the EOS
-    token, system messages as plain leading text; the reply follows the last EOS.
+    Models with a chat template use it; tools reach the model through it where it takes
+    them, else as a system message. Models without one (DialoGPT, GPT-2) get DialoGPT's
+    own training format: each turn's text followed by the EOS token, system messages as
+    plain leading text; the reply follows the last EOS.
     """
-    plain = [m.model_dump() for m in messages]
-    if tokenizer.chat_template:
-        encoded = tokenizer.apply_chat_template(plain, add_generation_prompt=True, return_dict=True)
+    template = tokenizer.chat_template
+    if template and "tools" in template:
+        plain = [_templated(m) for m in messages]
+        kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+    else:
+        plain = _tools_as_text(messages, tools)
+        kwargs = {}
+    if template:
+        encoded = tokenizer.apply_chat_template(plain, add_generation_prompt=True, return_dict=True, **kwargs)
         return list(encoded["input_ids"])
     eos = tokenizer.eos_token or ""
     text = "".join(m["content"] + eos for m in plain)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _templated(message: ChatMessage) -> dict:
+    """A message as chat templates that know tools expect it: arguments as objects."""
+    plain = message.model_dump(exclude_none=True)
+    for call in plain.get("tool_calls", ()):
+        try:
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        except ValueError:
+            pass  # not JSON: the template gets the text as written
+    return plain
+
+
+def _tools_as_text(messages: list[ChatMessage], tools: list[ToolSpec] | None) -> list[dict]:
+    """The conversation for a template without tools: their declaration joins the system
+    message, calls and results become tagged text in the turns that carry them."""
+    plain = []
+    for message in messages:
+        content = message.content
+        if message.tool_calls:
+            content += "".join(f"<tool_call>{json.dumps(_call(c))}</tool_call>" for c in message.tool_calls)
+        if message.role == "tool":
+            plain.append({"role": "user", "content": f"<tool_response>{content}</tool_response>"})
+        else:
+            plain.append({"role": message.role, "content": content})
+    if tools:
+        intro = TOOLS_INTRO.format(tools="\n".join(json.dumps(t.function.model_dump(exclude_none=True))
+                                                   for t in tools))
+        if plain and plain[0]["role"] == "system":
+            plain[0] = {"role": "system", "content": f"{plain[0]['content']}\n\n{intro}"}
+        else:
+            plain.insert(0, {"role": "system", "content": intro})
+    return plain
+
+
+def _call(call) -> dict:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    return {"name": call.function.name, "arguments": arguments}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from backend.protocol import ResolvedSampling
+from collections.abc import Callable
+
+from backend.protocol import ResolvedSampling, TokenLogprob, TopLogprob
 
 
-def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator,
-           generated: list[int] = ()) -> int:
+def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
     """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling.
-    Logit bias and the penalties on the tokens already `generated` apply first, to both."""
-    logits = adjust(logits, sampling, generated)
+    `logits` are adjusted already (`adjust`, the output schema's mask)."""
     if sampling.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -39,3 +39,14 @@ def adjust(logits: torch.Tensor, sampling: ResolvedSampling, generated: list[int
         counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[-1])[:logits.shape[-1]]
         logits -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
     return logits
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, top: int,
+                   text_of: Callable[[int], tuple[str, bytes]]) -> TokenLogprob:
+    """The chosen token's log-probability and the `top` likeliest at its place, from the
+    logits it was sampled from (before temperature: the model's own distribution)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = () if best is None else tuple(
+        TopLogprob(*text_of(int(i)), float(v)) for v, i in zip(best.values, best.indices) if v > float("-inf"))
+    return TokenLogprob(*text_of(token_id), float(logprobs[token_id]), alternatives)

@@ -21,6 +21,7 @@ Same interface as `batch.py`: `read_whole`, `PromptReader`, `Batch`, `Rows`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,13 @@ class KV:
     def columns(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Views of `row`'s first `length` keys and values, [kv_heads, length, head_dim] per layer."""
         return [k[row, :, :length] for k in self.keys], [v[row, :, :length] for v in self.values]
+
+    def take(self, rows: torch.Tensor) -> KV:
+        """A new KV of the given rows (repeats allowed), in that order."""
+        taken = copy.copy(self)
+        taken.keys, taken.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        taken.shape = (len(rows), *self.shape[1:])
+        return taken
 
     def move_rows(self, rows: torch.Tensor, length: int) -> None:
         """Rows `rows` become rows 0..len(rows)-1 (the first `length` columns)."""
@@ -194,6 +202,11 @@ class Rows:
         requests = [r for r, keep in zip(self.requests, kept) if keep]
         self.kv.move_rows(rows, max(len(r.prompt_ids) for r in requests))
         return Rows(requests, self.logits[rows], self.kv)
+
+    def take(self, rows: list[int], requests: list) -> Rows:
+        """Rows `rows` (a row may repeat: replies to one prompt) for `requests`, in a KV of their own."""
+        index = torch.tensor(rows)
+        return Rows(requests, self.logits[index], self.kv.take(index))
 
     def columns(self, request) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.kv.columns(self.requests.index(request), request.length)

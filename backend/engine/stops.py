@@ -1,0 +1,32 @@
+"""Stop strings: the reply ends before the first of them, which never reaches the client."""
+
+from __future__ import annotations
+
+
+class StopStrings:
+    """Cuts the text before the first stop string.
+
+    Text that could be the start of a stop string is held back until the next
+    piece shows whether it is one.
+    """
+
+    def __init__(self, stops: tuple[str, ...] | list[str]):
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Returns the text that is safe to send, and whether a stop string was hit."""
+        if not self.stops:
+            return piece, False
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[: min(hits)], True
+        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held

@@ -1,0 +1,46 @@
+"""What both OpenAI routes read from: a reply streaming from Textbot, its usage, and the
+Server-Sent Events they write."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from backend.openai.protocol import PromptTokensDetails, Usage
+from backend.protocol import ReplyPiece
+
+
+class Reply(Protocol):
+    """A reply being generated: iterate it once for its pieces (`n` choices interleaved, each
+    choice's last piece with its finish_reason)."""
+
+    def __aiter__(self) -> AsyncIterator[ReplyPiece]: ...
+
+
+class UsageCounter:
+    """Token counts over the pieces of one or more prompts' replies."""
+
+    def __init__(self):
+        self.prompts: dict[int, tuple[int, int]] = {}  # prompt -> (prompt tokens, cached tokens)
+        self.completions: dict[tuple[int, int], int] = {}  # (prompt, choice) -> completion tokens
+
+    def count(self, piece: ReplyPiece, prompt: int = 0) -> None:
+        self.prompts[prompt] = (piece.prompt_tokens, piece.cached_tokens)
+        self.completions[prompt, piece.index] = piece.completion_tokens
+
+    def usage(self) -> Usage:
+        prompt = sum(p for p, _ in self.prompts.values())
+        completion = sum(self.completions.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c for _, c in self.prompts.values())))
+
+
+def event(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def error_event(error: Exception) -> str:
+    reason = str(error) or type(error).__name__
+    return event(json.dumps({"error": {"message": f"Generation failed: {reason}",
+                                       "type": "server_error", "param": None, "code": None}}))
