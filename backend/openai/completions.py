@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from backend.openai.protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs
 from backend.openai.replies import Reply, UsageCounter, error_event, event
-from backend.protocol import ReplyPiece
+from backend.protocol import ReplyPiece, TokenLogprob, TopLogprob
 from backend.streams import merge
 
 
@@ -26,9 +26,9 @@ class TextChoice:
         if self.logprobs is not None:
             offset = len(self.text)
             for token in piece.logprobs:
-                self.logprobs.tokens.append(token.token)
+                self.logprobs.tokens.append(legacy_token(token))
                 self.logprobs.token_logprobs.append(token.logprob)
-                self.logprobs.top_logprobs.append({t.token: t.logprob for t in token.top[:self.top]})
+                self.logprobs.top_logprobs.append({legacy_token(t): t.logprob for t in token.top[:self.top]})
                 self.logprobs.text_offset.append(offset)
                 offset += len(token.token)
         self.text += piece.text
@@ -47,6 +47,15 @@ class TextChoice:
     def whole(self) -> CompletionChoice:
         return CompletionChoice(index=self.index, text=self.text, logprobs=self.logprobs,
                                 finish_reason=self.finish_reason)
+
+
+def legacy_token(token: TokenLogprob | TopLogprob) -> str:
+    """A token as the legacy format names it: its text, or, for part of a character, its bytes
+    as OpenAI writes them ("bytes:\\xe2\\x80"), so distinct tokens stay distinct keys."""
+    try:
+        return token.bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token.bytes)
 
 
 def _choices(request: CompletionRequest) -> list[TextChoice]:
