@@ -31,6 +31,34 @@ def test_default_model_replies_in_non_ascii_text(base_url):
     assert response.text.strip()
 
 
+def test_default_model_answers_in_a_schema_and_calls_a_forced_tool(base_url):
+    """Structured output and tools on the real model, through the openai SDK as programs call us."""
+    import json
+
+    import jsonschema
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/api/v1", api_key="unused", max_retries=0)
+    person = {"type": "object", "required": ["name", "age", "city"], "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "city": {"type": "string"}}}
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=96,
+        messages=[{"role": "user", "content": "Invent a person and give their name, age and city as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), person)
+
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=64, tool_choice="required",
+        tools=[{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                 "parameters": weather}}],
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    [call] = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), weather)
+
+
 def test_health_reports_the_default_model(base_url):
     assert requests.get(f"{base_url}/api/health", timeout=30).json() == {
         "status": "ok", "model": "SmolLM2-135M-Instruct"}

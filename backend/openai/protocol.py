@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from backend.protocol import (MAX_CHOICES, MAX_TOP_LOGPROBS, ChatMessage, FunctionCall, OutputSchema, ToolCall,
                               ToolSpec)
@@ -27,16 +27,22 @@ class RequestMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    # Checked after tool_calls (below): only an assistant turn that calls tools may leave it out.
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls of tools.")
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+    name: str | None = None
     tool_call_id: str | None = Field(None, description="A tool turn: the id of the call it answers.")
     refusal: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _content_where_needed(cls, content, info: ValidationInfo):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required (only an assistant message with tool_calls may leave it out)")
+        return content
+
     @model_validator(mode="after")
-    def _content_where_needed(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
+    def _tool_turns_name_their_call(self):
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
