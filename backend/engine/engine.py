@@ -11,11 +11,15 @@ reads up to `prefill_chunk` tokens of their prompts (short ones together in one
 forward pass, a long one a chunk at a time; a prompt read to its end joins the
 batch), runs one forward pass that decodes a token for every running request, and
 retires finished and cancelled requests at once, keeping their keys and values in
-the prefix cache. Per request, sampling applies the output schema's grammar
-(`constraint.py`), the penalties and the seed, and the stop strings end it. So nobody waits for a partner, for the longest reply, or for a
+the prefix cache. So nobody waits for a partner, for the longest reply, or for a
 long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
 `_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `slots.py`
 (the lean path for Llama models) or `batch.py` (any other, through Hugging Face's forward).
+
+Each request samples on its own (`_advance`): logit bias and penalties, the output
+schema's grammar (`constraint.py`), its seed; its stop strings end it. Several replies
+to one prompt (`submit_choices`) are admitted together, read as one, and each gets a
+copy of the prompt's row when it joins the batch.
 """
 
 from __future__ import annotations
@@ -388,16 +392,16 @@ class Engine:
             if request.constraint:
                 logits = request.constraint.mask(logits)
             token_id = sample(logits, sampling, request.rng)
+            if token_id in self.loaded.eos_token_ids:
+                return self._finish(request, _Finished("stop"))
             if sampling.logprobs is not None:
                 request.unsent_logprobs.append(token_logprobs(logits, token_id, sampling.logprobs,
                                                               self._token_text))
-            if request.constraint and token_id not in self.loaded.eos_token_ids:
+            if request.constraint:
                 request.constraint.advance(token_id)
         except Exception as exc:
             log.exception("Sampling for generation %d failed", generation.id)
             return self._finish(request, _Finished("error", _failure(exc)))
-        if token_id in self.loaded.eos_token_ids:
-            return self._finish(request, _Finished("stop"))
         generation.completion_tokens += 1
         request.sampled.append(token_id)
         text, stopped = request.stops.push(request.detokenizer.push(token_id))
