@@ -132,6 +132,15 @@ class RemoteReply:
                 yield piece.text
 
 
+def openai_sampling(request: ChatCompletionRequest | CompletionRequest, max_new_tokens: int | None,
+                    logprobs: int | None, output_schema=None) -> SamplingParams:
+    """The sampling parameters both OpenAI routes share, as the Textbot replica takes them."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+                          seed=request.seed, n=request.n, presence_penalty=request.presence_penalty or 0.0,
+                          frequency_penalty=request.frequency_penalty or 0.0, logit_bias=request.logit_bias,
+                          stop=request.stop_strings or None, logprobs=logprobs, output_schema=output_schema)
+
+
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     # A close frame's reason is limited to 123 bytes of UTF-8.
     await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
@@ -185,9 +194,7 @@ class TextbotAPI:
     @api.post("/v1/chat/completions", response_model=ChatCompletion,
               summary="OpenAI-compatible chat completions, streaming (SSE) or not")
     async def chat_completions(self, request: ChatCompletionRequest, session_id: SessionHeader = None):
-        if request.model not in (None, self.model_name):
-            raise APIError(404, f"The model {request.model!r} does not exist; this server serves "
-                           f"{self.model_name!r}.", param="model", code="model_not_found")
+        self._check_model(request.model)
         messages = [m.to_chat() for m in request.messages]
         for message in messages:
             if not message.tool_calls:  # an assistant turn that only called tools may say nothing
@@ -196,13 +203,9 @@ class TextbotAPI:
         if request.truncation == "auto":
             messages, dropped = await self._fit(messages, request.token_limit)
         schema = tools.forced_schema(request) or (request.response_format and request.response_format.output_schema())
-        sampling = SamplingParams(max_new_tokens=request.token_limit, temperature=request.temperature,
-                                  top_p=request.top_p, seed=request.seed, n=request.n,
-                                  presence_penalty=request.presence_penalty or 0.0,
-                                  frequency_penalty=request.frequency_penalty or 0.0,
-                                  logit_bias=request.logit_bias, stop=request.stop_strings or None,
-                                  logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-                                  output_schema=schema)
+        sampling = openai_sampling(request, request.token_limit,
+                                   logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                                   output_schema=schema)
         reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True,
                             session=session_id, tools=tools.tools_for_prompt(request))
         headers = {DROPPED_HEADER: str(dropped)}
@@ -214,19 +217,12 @@ class TextbotAPI:
     @api.post("/v1/completions", response_model=Completion,
               summary="OpenAI-compatible (legacy) text completions, streaming (SSE) or not")
     async def completions(self, request: CompletionRequest, session_id: SessionHeader = None):
-        if request.model not in (None, self.model_name):
-            raise APIError(404, f"The model {request.model!r} does not exist; this server serves "
-                           f"{self.model_name!r}.", param="model", code="model_not_found")
+        self._check_model(request.model)
         prompts = request.prompts
         if request.text_prompts:
             for prompt in prompts:
                 self._check_text(prompt, "prompt")
-        sampling = SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature,
-                                  top_p=request.top_p, seed=request.seed, n=request.n,
-                                  presence_penalty=request.presence_penalty or 0.0,
-                                  frequency_penalty=request.frequency_penalty or 0.0,
-                                  logit_bias=request.logit_bias, stop=request.stop_strings or None,
-                                  logprobs=request.logprobs)
+        sampling = openai_sampling(request, request.max_tokens, logprobs=request.logprobs)
         replies = [RemoteReply(self.textbot, "POST /v1/completions", prompt, sampling, strict=True,
                                session=session_id) for prompt in prompts]
         if request.stream:
@@ -293,6 +289,11 @@ class TextbotAPI:
         except Exception as error:
             raise served_error(error, mid_reply=False) from None
         return [ChatMessage(**m) for m in fitted["messages"]], fitted["dropped"]
+
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_name):
+            raise APIError(404, f"The model {model!r} does not exist; this server serves "
+                           f"{self.model_name!r}.", param="model", code="model_not_found")
 
     def _check_text(self, text: str, param: str) -> str:
         return check_text(text, param, self.settings.max_prompt_chars)

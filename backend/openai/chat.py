@@ -11,7 +11,7 @@ from backend.openai.protocol import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
     ChunkChoice, CompletionHeader, Delta, DeltaFunction, DeltaToolCall, LogprobEntry, TopLogprobEntry,
 )
-from backend.openai.replies import Reply, UsageCounter, error_event, event
+from backend.openai.replies import Reply, UsageCounter, sse
 from backend.protocol import FunctionCall, ReplyPiece, TokenLogprob, ToolCall
 
 
@@ -86,41 +86,44 @@ class ChatChoice:
         return None if self.top is None else ChoiceLogprobs(content=entries)
 
 
-async def sse_stream(request: ChatCompletionRequest, reply: Reply, model: str) -> AsyncIterator[str]:
+def sse_stream(request: ChatCompletionRequest, reply: Reply, model: str) -> AsyncIterator[str]:
     """OpenAI's streaming format: a role chunk per choice, delta chunks, a finish chunk per
-    choice, optionally a usage chunk, then [DONE]. A failure mid-stream is an error event."""
+    choice, optionally a usage chunk, then [DONE]."""
     header = CompletionHeader(model=model).model_dump()  # one id and timestamp for every chunk
-    choices = [ChatChoice(i, request) for i in range(request.n)]
     usage = UsageCounter()
+
+    def usage_chunk() -> str:
+        return ChatCompletionChunk(**header, choices=[], usage=usage.usage()).model_dump_json()
+
+    wanted = request.stream_options and request.stream_options.include_usage
+    return sse(_chunks(request, reply, header, usage), usage_chunk if wanted else None)
+
+
+async def _chunks(request: ChatCompletionRequest, reply: Reply, header: dict, usage: UsageCounter
+                  ) -> AsyncIterator[str]:
+    choices = [ChatChoice(i, request) for i in range(request.n)]
 
     def chunk(choice: ChatChoice, delta: Delta, finish_reason=None, entries=None) -> str:
         logprobs = choice.choice_logprobs(entries) if entries is not None else None
-        return event(ChatCompletionChunk(**header, choices=[
+        return ChatCompletionChunk(**header, choices=[
             ChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
-                        finish_reason=finish_reason)]).model_dump_json())
+                        finish_reason=finish_reason)]).model_dump_json()
 
     for choice in choices:
         yield chunk(choice, Delta(role="assistant", content=""))
-    try:
-        async for piece in reply:
-            usage.count(piece)
-            choice = choices[piece.index]
-            logged = len(choice.logprobs)
-            delta = choice.push(piece)
-            if piece.finish_reason is None:
-                if delta is not None:
-                    yield chunk(choice, delta, entries=choice.logprobs[logged:])
-                continue
-            last, reason = choice.last_delta(piece.finish_reason)
-            if delta is not None or last is not None:
-                yield chunk(choice, _joined(delta, last), entries=choice.logprobs[logged:])
-            yield chunk(choice, Delta(), reason)
-    except Exception as error:  # headers are gone: the error travels as an event
-        yield error_event(error)
-        return
-    if request.stream_options and request.stream_options.include_usage:
-        yield event(ChatCompletionChunk(**header, choices=[], usage=usage.usage()).model_dump_json())
-    yield event("[DONE]")
+    async for piece in reply:
+        usage.count(piece)
+        choice = choices[piece.index]
+        logged = len(choice.logprobs)
+        delta = choice.push(piece)
+        if piece.finish_reason is None:
+            if delta is not None:
+                yield chunk(choice, delta, entries=choice.logprobs[logged:])
+            continue
+        last, reason = choice.last_delta(piece.finish_reason)
+        if delta is not None or last is not None:
+            yield chunk(choice, _joined(delta, last), entries=choice.logprobs[logged:])
+        yield chunk(choice, Delta(), reason)
 
 
 def _joined(first: Delta | None, second: Delta | None) -> Delta:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from backend.openai.protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs
-from backend.openai.replies import Reply, UsageCounter, error_event, event
+from backend.openai.replies import Reply, UsageCounter, sse
 from backend.protocol import ReplyPiece, TokenLogprob, TopLogprob
 from backend.streams import merge
 
@@ -73,29 +73,32 @@ def _pieces(replies: list[Reply]) -> AsyncIterator[tuple[int, ReplyPiece]]:
     return merge([_numbered(p, reply) for p, reply in enumerate(replies)])
 
 
-async def sse_stream(request: CompletionRequest, replies: list[Reply], model: str) -> AsyncIterator[str]:
+def sse_stream(request: CompletionRequest, replies: list[Reply], model: str) -> AsyncIterator[str]:
     header = Completion(model=model, choices=[]).model_dump(include={"id", "created", "model"})
-    choices = _choices(request)
     usage = UsageCounter()
 
+    def usage_chunk() -> str:
+        return Completion(**header, choices=[], usage=usage.usage()).model_dump_json()
+
+    wanted = request.stream_options and request.stream_options.include_usage
+    return sse(_chunks(request, replies, header, usage), usage_chunk if wanted else None)
+
+
+async def _chunks(request: CompletionRequest, replies: list[Reply], header: dict, usage: UsageCounter
+                  ) -> AsyncIterator[str]:
+    choices = _choices(request)
+
     def chunk(choice: CompletionChoice) -> str:
-        return event(Completion(**header, choices=[choice]).model_dump_json(exclude={"usage"}))
+        return Completion(**header, choices=[choice]).model_dump_json(exclude={"usage"})
 
     if request.echo:
         for choice in choices:
             yield chunk(CompletionChoice(index=choice.index, text=choice.text))
-    try:
-        async for prompt, piece in _pieces(replies):
-            usage.count(piece, prompt)
-            update = choices[prompt * request.n + piece.index].push(piece)
-            if update.text or update.finish_reason or (update.logprobs and update.logprobs.tokens):
-                yield chunk(update)
-    except Exception as error:  # headers are gone: the error travels as an event
-        yield error_event(error)
-        return
-    if request.stream_options and request.stream_options.include_usage:
-        yield event(Completion(**header, choices=[], usage=usage.usage()).model_dump_json())
-    yield event("[DONE]")
+    async for prompt, piece in _pieces(replies):
+        usage.count(piece, prompt)
+        update = choices[prompt * request.n + piece.index].push(piece)
+        if update.text or update.finish_reason or (update.logprobs and update.logprobs.tokens):
+            yield chunk(update)
 
 
 async def complete(request: CompletionRequest, replies: list[Reply], model: str) -> Completion:

@@ -4,7 +4,7 @@ Server-Sent Events they write."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from backend.openai.protocol import PromptTokensDetails, Usage
@@ -44,3 +44,17 @@ def error_event(error: Exception) -> str:
     reason = str(error) or type(error).__name__
     return event(json.dumps({"error": {"message": f"Generation failed: {reason}",
                                        "type": "server_error", "param": None, "code": None}}))
+
+
+async def sse(payloads: AsyncIterator[str], usage: Callable[[], str] | None) -> AsyncIterator[str]:
+    """OpenAI's stream: an event per payload, then the usage payload if asked for, then [DONE].
+    A failure mid-stream ends it with an error event (the status line is long gone)."""
+    try:
+        async for payload in payloads:
+            yield event(payload)
+    except Exception as error:
+        yield error_event(error)
+        return
+    if usage is not None:
+        yield event(usage())
+    yield event("[DONE]")
