@@ -88,8 +88,9 @@ def gradio_client(page_url: str) -> Stream:
     def chat(prompt: str, max_tokens: int) -> Iterator[str]:
         job = client.submit(prompt, "", 0.0, 1.0, max_tokens, api_name="/chat")
         sent = ""
-        for partial in job:  # each update is the whole reply so far
-            text = partial if isinstance(partial, str) else str(partial)
+        for partial in job:  # each update is the whole reply so far; the last, it and its figures
+            text = partial if isinstance(partial, str) else next(
+                (m["content"] for m in partial if not (m.get("metadata") or {}).get("title")), "")
             if len(text) > len(sent):
                 yield text[len(sent):]
                 sent = text

@@ -1,11 +1,18 @@
 """The chat page in a real browser: Playwright driving Debian's Chromium against the served stack."""
 
+import glob
+import json
 import re
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import ray
 from playwright.sync_api import Page, sync_playwright
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_chat_page import FIGURES
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -34,16 +41,35 @@ def send(page: Page, message: str) -> None:
     page.get_by_test_id("submit-button").click()
 
 
+def replies(page: Page):
+    """The bot's replies. The figures note under each finished reply is a bot message too
+    (a Gradio "thought"), so it is left out here."""
+    return page.locator(".message:not(.thought) > [data-testid='bot']")
+
+
+def figures(page: Page):
+    return page.locator(".thought [data-testid='bot']")
+
+
+def conversation(page: Page):
+    return page.get_by_label("chatbot conversation")
+
+
 def wait_for_reply_to_finish(page: Page, turn: int, timeout_s: float = 180) -> None:
-    """Wait for the bot's message of `turn` (1-based) and for the page to accept input again."""
-    page.get_by_test_id("bot").nth(turn - 1).wait_for(timeout=timeout_s * 1000)
+    """Wait for the bot's reply of `turn` (1-based) and for the page to accept input again."""
+    replies(page).nth(turn - 1).wait_for(timeout=timeout_s * 1000)
     page.get_by_test_id("stop-button").wait_for(state="hidden", timeout=timeout_s * 1000)
     page.get_by_test_id("submit-button").wait_for(state="visible", timeout=timeout_s * 1000)
 
 
 def bot_text(page: Page, index: int = -1) -> str:
-    bots = page.get_by_test_id("bot")
+    bots = replies(page)
     return bots.nth(index).inner_text() if bots.count() else ""
+
+
+def backend_reply(http, app: str, messages: list[dict], max_tokens: int) -> str:
+    body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    return http.post(f"/{app}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
 
 def normalised(text: str) -> str:
@@ -93,7 +119,7 @@ def test_second_turn_sees_the_first(page, base_url, http):
                                   {"role": "user", "content": second}])
     without_context = backend_reply([{"role": "user", "content": second}])
 
-    assert page.get_by_test_id("bot").count() == 2
+    assert replies(page).count() == 2
     assert normalised(bot_text(page, 0)) == normalised(reply_one)
     assert normalised(bot_text(page, 1)) == normalised(with_context)
     assert with_context != without_context
@@ -105,4 +131,114 @@ def test_long_conversation_is_trimmed_and_the_user_told(page, base_url):
         send(page, f"Turn {turn}: " + "tell me about the robot who sails the sea " * 5)
         wait_for_reply_to_finish(page, turn=turn)
     page.get_by_text("outgrew the model's context").first.wait_for(timeout=30_000)
-    assert page.get_by_test_id("bot").count() == 4
+    assert replies(page).count() == 4
+
+
+def test_figures_appear_under_each_finished_reply(page, base_url):
+    page.goto(f"{base_url}/tiny-page/")
+    for turn, message in enumerate(["Hello there", "Tell me more"], start=1):
+        send(page, message)
+        wait_for_reply_to_finish(page, turn=turn)
+        figures(page).nth(turn - 1).wait_for(timeout=30_000)
+    lines = [normalised(figures(page).nth(i).inner_text()) for i in range(2)]
+    assert all(FIGURES.match(line) for line in lines), lines
+    # Each note sits under its reply: reply, note, reply, note in the page's order.
+    order = page.locator(".message:not(.thought) > [data-testid='bot'], .thought [data-testid='bot']")
+    kinds = ["note" if FIGURES.match(normalised(order.nth(i).inner_text())) else "reply" for i in range(order.count())]
+    assert kinds == ["reply", "note", "reply", "note"], kinds
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "chat-page-figures.png")
+
+
+def test_edited_message_reruns(page, base_url, http):
+    page.goto(f"{base_url}/tiny-page/")
+    send(page, "Hello there")
+    wait_for_reply_to_finish(page, turn=1)
+    first = bot_text(page)
+    chat = conversation(page)
+    page.get_by_test_id("user").first.hover()
+    chat.get_by_label("Edit").first.click()
+    chat.locator("textarea.edit-textarea").fill("Tell me a story")
+    chat.get_by_label("Submit").first.click()
+    page.get_by_test_id("user").first.filter(has_text="Tell me a story").wait_for(timeout=30_000)
+    wait_for_reply_to_finish(page, turn=1)
+    page.wait_for_function("() => !document.querySelector('textarea.edit-textarea')", timeout=30_000)
+    figures(page).first.wait_for(timeout=60_000)  # the re-run has finished
+    expected = backend_reply(http, "tiny-chat", [{"role": "user", "content": "Tell me a story"}], 16)
+    assert page.get_by_test_id("user").count() == 1 and replies(page).count() == 1
+    assert normalised(bot_text(page)) == normalised(expected) != normalised(first)
+
+
+def replica_actor(app: str):
+    [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(f"SERVE_REPLICA::{app}#ChatPage#")]
+    return replica
+
+
+def test_conversation_survives_a_reload_and_a_restart_of_the_page(page, base_url):
+    url, message = f"{base_url}/tiny-page/", f"Lighthouse {time.time_ns() % 10**6}"  # short: the history list cuts long titles
+    page.goto(url)
+    send(page, message)
+    wait_for_reply_to_finish(page, turn=1)
+    figures(page).first.wait_for(timeout=30_000)
+    reply = bot_text(page)
+
+    def reopened() -> None:
+        page.goto(url)
+        page.get_by_text(message).first.wait_for(timeout=60_000)  # in the history list
+        page.get_by_text(message).first.click()
+        page.get_by_test_id("user").filter(has_text=message).wait_for(timeout=30_000)
+        assert normalised(bot_text(page)) == normalised(reply)
+
+    reopened()
+    # A new page replica: Serve replaces the killed one; the stable secret still decrypts.
+    before = replica_actor("tiny-page")
+    ray.kill(ray.get_actor(before["name"], namespace=before["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        replaced = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::tiny-page#ChatPage#") and a["name"] != before["name"]]
+        if replaced and httpx.get(f"{url}config", timeout=10).status_code == 200:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("Serve did not replace the killed chat page replica")
+    reopened()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "chat-page-history.png")
+
+
+def feedback_count(metrics_url: str, app: str, value: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            if (sample.name == "ray_textbot_feedback_total" and sample.labels.get("application") == app
+                    and sample.labels.get("value") == value):
+                return sample.value
+    return 0.0
+
+
+def test_a_like_is_counted_and_logged_with_the_replys_request_id(page, base_url, metrics_url):
+    before = feedback_count(metrics_url, "tiny-page", "like")
+    page.goto(f"{base_url}/tiny-page/")
+    send(page, "Hello there")
+    wait_for_reply_to_finish(page, turn=1)
+    figures(page).first.wait_for(timeout=30_000)
+    conversation(page).get_by_label("Like").last.click()
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while feedback_count(metrics_url, "tiny-page", "like") < before + 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert feedback_count(metrics_url, "tiny-page", "like") >= before + 1
+
+    # This session's logs: session_latest may point at another Ray node started on the machine since.
+    logs = f"{ray._private.worker._global_node.get_session_dir_path()}/logs/serve"
+    def lines(pattern: str) -> list[str]:
+        return [line for path in glob.glob(f"{logs}/{pattern}") for line in open(path, errors="replace")]
+    deadline = time.monotonic() + 30
+    while not (liked := [l for l in lines("replica_tiny-page_ChatPage_*.log") if '"event": "feedback"' in l]) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    record = json.loads(liked[-1][liked[-1].index("{\"event\""):])
+    assert record["value"] == "like" and record["reply_request_id"]
+    # The model replica's line for that reply carries the same request id.
+    assert any(record["reply_request_id"] in l and '"route": "page"' in l
+               for l in lines("replica_tiny-chat_Textbot_*.log"))

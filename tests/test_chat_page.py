@@ -1,19 +1,38 @@
 """The chat page as Serve serves it, through gradio_client; and the chat
 function's handling of Gradio's history."""
 
+import re
+
 import pytest
 from gradio_client import Client
 
 from ui.chat import to_messages
 
 GREEDY_INPUTS = ("", 0.0, 1.0, 16)  # system prompt, temperature, top_p, max new tokens
+FIGURES = re.compile(r"^\d+ tokens? · \d+\.\d\d s to first token · \d+\.\d tokens/s · \d+ of \d+ prompt tokens cached$")
 
 
-def partials(client: Client, message: str, inputs=GREEDY_INPUTS) -> list[str]:
+def reply_of(output) -> str:
+    """An update of /chat: the reply so far (a string), or at the end the reply and its
+    figures note (a list of messages)."""
+    if isinstance(output, str):
+        return output
+    return next(m["content"] for m in output if not (m.get("metadata") or {}).get("title"))
+
+
+def figures_of(output) -> dict:
+    return next(m["metadata"] for m in output if (m.get("metadata") or {}).get("title"))
+
+
+def finished(client: Client, message: str, inputs=GREEDY_INPUTS) -> list:
     job = client.submit(message, *inputs, api_name="/chat")
     list(job)  # drain the stream
     assert job.status().success, "the chat page reported an error"
     return [output for output in job.outputs() if output]
+
+
+def partials(client: Client, message: str, inputs=GREEDY_INPUTS) -> list[str]:
+    return [reply_of(output) for output in finished(client, message, inputs)]
 
 
 def test_partials_grow_into_the_reply(tiny_page_url):
@@ -32,10 +51,24 @@ def test_reply_is_the_backends_reply_for_the_same_conversation(tiny_page_url, ht
     assert reply == direct["choices"][0]["message"]["content"]
 
 
+def test_finished_reply_has_its_figures_and_request_id(tiny_page_url, http):
+    outputs = finished(Client(tiny_page_url, verbose=False), "Tell me a story")
+    figures = figures_of(outputs[-1])
+    assert FIGURES.match(figures["title"]), figures
+    assert figures["title"].startswith("16 tokens")  # greedy, max 16, the tiny model never stops early
+    request_id = figures["id"].split(":", 1)[1]
+    assert re.fullmatch(r"[0-9a-f-]{16,}", request_id), figures
+    # The same reply read again: its prompt now comes from the model replica's prefix cache.
+    again = figures_of(finished(Client(tiny_page_url, verbose=False), "Tell me a story")[-1])
+    cached, prompt = map(int, re.search(r"(\d+) of (\d+) prompt tokens cached", again["title"]).groups())
+    assert 0 < cached <= prompt
+
+
 def test_backend_error_is_shown_not_hung(tiny_page_url):
     job = Client(tiny_page_url, verbose=False).submit("x" * 40_000, *GREEDY_INPUTS, api_name="/chat")
-    with pytest.raises(Exception, match="limit is 32000"):
+    with pytest.raises(Exception, match="limit is 32000") as error:
         job.result(timeout=60)
+    assert "Traceback" not in str(error.value) and 'File "' not in str(error.value)
 
 
 def test_busy_backend_is_reported_in_the_page(base_url):
@@ -65,7 +98,9 @@ def test_default_page_serves_the_default_model(base_url):
         # gradio_client sends strings; the browser sends lists of parts.
         [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada!"}],
         [{"role": "user", "content": [{"type": "text", "text": "My name is Ada."}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "Hi Ada!"}], "metadata": None}],
+         {"role": "assistant", "content": [{"type": "text", "text": "Hi Ada!"}], "metadata": None},
+         # The figures note under a reply is the page's, not the model's: never sent back.
+         {"role": "assistant", "content": [], "metadata": {"title": "4 tokens · 0.10 s to first token"}}],
     ],
 )
 def test_history_in_either_gradio_shape_becomes_chat_messages(history):

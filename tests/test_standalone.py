@@ -7,8 +7,11 @@ import time
 import pytest
 from gradio_client import Client
 
+import os
+
 from tests.conftest import ROOT, free_port
-from tests.test_chat_page import partials
+from tests.test_chat_page import FIGURES, figures_of, finished, partials
+from tests.test_page_hardening import assert_refused
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,30 @@ def test_standalone_page_streams_from_the_http_api(standalone, http):
         "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}],
         "max_tokens": 16, "temperature": 0}).json()
     assert outputs[-1] == direct["choices"][0]["message"]["content"]
+
+
+def test_standalone_reply_has_figures_from_the_apis_usage(standalone):
+    url, _ = standalone
+    figures = figures_of(finished(Client(url, verbose=False), "Hello there", ("", 0.0, 1.0, 16))[-1])
+    assert FIGURES.match(figures["title"]), figures
+    assert figures["id"].split(":", 1)[1], "no X-Request-ID from the backend"
+
+
+def test_standalone_page_is_hardened(standalone):
+    url, _ = standalone
+    assert_refused(url)
+
+
+@pytest.mark.parametrize("variable", ["GRADIO_VIBE_MODE", "GRADIO_WATCH_DEMO_PATH"])
+def test_page_refuses_to_start_with_code_editing_switched_on(variable):
+    # Gradio switches vibe mode on for any non-empty value, "0" included.
+    env = os.environ | {variable: "0" if variable == "GRADIO_VIBE_MODE" else "/tmp/app.py"}
+    result = subprocess.run([sys.executable, "-m", "ui", "--backend", "http://127.0.0.1:9/api",
+                             "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert f"will not start with {variable} set" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_standalone_shows_backend_errors(standalone):

@@ -6,12 +6,15 @@
 import argparse
 import contextlib
 import io
+import json
+import logging
 import os
 from pathlib import Path
 
 import yaml
 
 from ui.chat import make_chat_fn
+from ui.hardening import HOSTING, CodeEditingSwitchedOn, app_kwargs, refuse_code_editing
 from ui.page import LOOK, build_page, login
 from ui.settings import ChatPageSettings
 from ui.sources import http_source
@@ -39,17 +42,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+log = logging.getLogger("textbot.page")
+
+
+def record_feedback(value: str, request_id: str | None) -> None:
+    """Standalone there is no Ray to export a counter: one line on stderr per like or dislike,
+    with the backend's request id (the X-Request-ID of the reply, on its log line there)."""
+    log.info(json.dumps({"event": "feedback", "value": value, "reply_request_id": request_id}))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if not args.backend.startswith(("http://", "https://")):
         raise SystemExit(f"--backend must be an http(s) URL such as http://127.0.0.1:8000/api, not {args.backend!r}")
-    source = http_source(args.backend, api_key=os.environ.get("TEXTBOT_API_KEY"))
-    page = build_page(make_chat_fn(source), page_settings(args.config))
+    try:
+        refuse_code_editing()
+        settings = page_settings(args.config)
+        source = http_source(args.backend, api_key=os.environ.get("TEXTBOT_API_KEY"))
+        page = build_page(make_chat_fn(source), settings, record_feedback, storage_key="textbot_conversations")
+    except (CodeEditingSwitchedOn, ValueError) as error:
+        raise SystemExit(str(error)) from None
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     gradio_said = io.StringIO()
     with contextlib.redirect_stdout(gradio_said):  # Gradio explains a failed share link in 10 lines
         _, local_url, share_url = page.launch(
             server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
-            quiet=True, auth=login(), **LOOK,
+            quiet=True, auth=login(), app_kwargs=app_kwargs(), **HOSTING, **LOOK,
         )
     print(f"Chat page on {local_url} streaming from {args.backend}", flush=True)
     if args.share and share_url:

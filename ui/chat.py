@@ -1,15 +1,39 @@
 """The chat function behind the page. It needs only a stream source: something
 that turns chat messages and sampling parameters into an async stream of text
-pieces. Whether that is a DeploymentHandle or an HTTP client is the host's choice.
+pieces ending with the reply's Usage. Whether that is a DeploymentHandle or an
+HTTP client is the host's choice.
 """
 
+from __future__ import annotations
+
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import gradio as gr
 
-# (messages, sampling, notify, session) -> text pieces; `notify` shows the user a side note,
-# `session` names the conversation.
-StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None], AsyncIterator[str]]
+# (messages, sampling, notify, session) -> text pieces, then one Usage; `notify` shows the
+# user a side note, `session` names the conversation.
+StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None], AsyncIterator["str | Usage"]]
+
+# At most one update to the browser per chat in this many seconds. Each update makes Gradio
+# postprocess and diff the whole conversation and send an SSE message: one per token costs
+# the page replica's CPU what the other routes spend on nothing (measured in the README).
+UPDATE_INTERVAL_S = 0.04
+
+# The marker of the line of figures under a reply: a Gradio "thought" note, not the model's words.
+FIGURES_ID = "textbot-figures"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the backend counted for one reply, and the request id its log line carries."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    request_id: str | None = None
 
 
 def text_of(content) -> str:
@@ -23,10 +47,16 @@ def text_of(content) -> str:
     return ""
 
 
+def is_note(turn: dict) -> bool:
+    """A message the page added (the figures under a reply), which the model never said."""
+    metadata = turn.get("metadata") or {}
+    return bool(metadata.get("title"))
+
+
 def to_messages(message, history: list[dict], system_prompt: str | None) -> list[dict]:
     messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt and system_prompt.strip() else []
     for turn in history:
-        if turn.get("role") in ("user", "assistant") and (text := text_of(turn.get("content"))):
+        if turn.get("role") in ("user", "assistant") and not is_note(turn) and (text := text_of(turn.get("content"))):
             messages.append({"role": turn["role"], "content": text})
     messages.append({"role": "user", "content": text_of(message)})
     return messages
@@ -50,20 +80,118 @@ def browser_session() -> str | None:
     return getattr(request, "session_hash", None)
 
 
-def make_chat_fn(source: StreamSource):
+def figures_line(usage: Usage, first_s: float | None, first_at: float | None, end_at: float) -> str:
+    """`42 tokens · 0.31 s to first token · 55.2 tokens/s · 12 of 30 prompt tokens cached`.
+    Tokens per second is the decode rate after the first token (what llama.cpp's and LM
+    Studio's pages show), so a slow first token does not hide a fast reply."""
+    parts = [f"{usage.completion_tokens} token{'s' if usage.completion_tokens != 1 else ''}"]
+    if first_s is not None:
+        parts.append(f"{first_s:.2f} s to first token")
+    if first_at is not None and usage.completion_tokens > 1 and end_at > first_at:
+        parts.append(f"{(usage.completion_tokens - 1) / (end_at - first_at):.1f} tokens/s")
+    parts.append(f"{usage.cached_tokens} of {usage.prompt_tokens} prompt tokens cached")
+    return " · ".join(parts)
+
+
+async def paced(pieces: AsyncIterator, interval_s: float) -> AsyncIterator[list]:
+    """Batches of what `pieces` yields, at most one batch per `interval_s`: the first piece
+    goes at once, later ones wait for the interval (never for the next piece). A task reads
+    the source, so a slow token does not hold back text already here; closing this
+    generator (Stop, a closed tab) cancels that task, which cancels the source."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump():
+        try:
+            async for piece in pieces:
+                queue.put_nowait(piece)
+            queue.put_nowait(end)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised on the reader's side
+            queue.put_nowait(error)
+
+    reader = asyncio.create_task(pump())
+    try:
+        sent_at = float("-inf")
+        while True:
+            batch = [await queue.get()]
+            wait = sent_at + interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = next((i for i, item in enumerate(batch) if item is end or isinstance(item, BaseException)), None)
+            if finished is not None:
+                if batch[:finished]:
+                    yield batch[:finished]
+                if isinstance(batch[finished], BaseException):
+                    raise batch[finished]
+                return
+            sent_at = time.monotonic()
+            yield batch
+    finally:
+        reader.cancel()
+        try:
+            await reader
+        except BaseException:  # noqa: BLE001 - cancelled on purpose; its error was reported
+            pass
+
+
+def make_chat_fn(source: StreamSource, update_interval_s: float = UPDATE_INTERVAL_S):
     async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens):
         if not text_of(message).strip():
             raise gr.Error("Type a message first.")
         sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": int(max_new_tokens)}
-        reply = ""
+        reply, usage = "", None
+        started = time.monotonic()
+        first_at = None
         try:
             messages = to_messages(message, history, system_prompt)
-            async for piece in source(messages, sampling, gr.Warning, browser_session()):
-                reply += piece
-                yield reply
+            async for batch in paced(source(messages, sampling, gr.Warning, browser_session()), update_interval_s):
+                text = "".join(item for item in batch if isinstance(item, str))
+                usage = next((item for item in batch if isinstance(item, Usage)), usage)
+                if text:
+                    first_at = first_at or time.monotonic()
+                    reply += text
+                    yield reply
         except gr.Error:
             raise
         except Exception as error:  # the backend's reason, shown in the page
             raise gr.Error(f"The model could not answer: {reason(error)}") from error
+        if usage is not None:
+            # The finished reply, then a note under it with its figures: Gradio's message
+            # metadata, so it renders as a small closed box, not as the model's words.
+            line = figures_line(usage, first_at and first_at - started, first_at, time.monotonic())
+            yield [gr.ChatMessage(role="assistant", content=reply),
+                   gr.ChatMessage(role="assistant", content="",
+                                  metadata={"title": line, "id": f"{FIGURES_ID}:{usage.request_id or ''}",
+                                            "status": "done"})]
 
     return chat
+
+
+def reply_request_id(history: list[dict], index) -> str | None:
+    """The request id of the reply at `index` (a like's), from the figures note under it."""
+    position = index[0] if isinstance(index, (list, tuple)) else index
+    for turn in history[position:]:
+        if turn.get("role") == "user":
+            break
+        if str((turn.get("metadata") or {}).get("id", "")).startswith(FIGURES_ID + ":"):
+            return str(turn["metadata"]["id"]).split(":", 1)[1] or None
+    return None
+
+
+def make_feedback_fn(record: Callable[[str, str | None], None]):
+    """The Chatbot's like event: `record(value, request_id)` with value "like" or "dislike"."""
+
+    def feedback(history: list[dict], data: gr.LikeData):
+        value = "like" if data.liked is True else "dislike" if data.liked is False else str(data.liked).lower()
+        if value not in ("like", "dislike"):
+            return  # an undone like/dislike: nothing to count
+        try:
+            record(value, reply_request_id(history or [], data.index))
+        except Exception as error:  # the operator's counter failing must not break the page
+            raise gr.Error(f"Could not record your feedback: {reason(error)}") from error
+
+    return feedback

@@ -1,9 +1,13 @@
-"""The chat page itself: a Gradio ChatInterface with the sampling controls."""
+"""The chat page itself: a Gradio ChatInterface with the sampling controls, history kept
+in the browser, editable messages, like and dislike on replies."""
 
 import os
 
 import gradio as gr
 
+from ui.chat import make_feedback_fn
+from ui.hardening import refuse_code_editing
+from ui.history import history_secret, keep_history
 from ui.settings import ChatPageSettings
 
 # Passed to mount_gradio_app / launch: Gradio 6 takes the look at hosting time.
@@ -19,12 +23,16 @@ def login() -> tuple[str, str] | None:
     return (user, password) if user and password else None
 
 
-def build_page(chat_fn, settings: ChatPageSettings) -> gr.Blocks:
+def build_page(chat_fn, settings: ChatPageSettings, record_feedback, storage_key: str) -> gr.Blocks:
+    """`record_feedback(value, request_id)` counts a like or dislike; `storage_key` names the
+    browser's saved conversations (one per page on an origin)."""
+    refuse_code_editing()
     defaults = settings.generation
+    chatbot = gr.Chatbot(label=settings.title, placeholder="Ask anything. Replies stream in as they are written.",
+                         height="65vh", buttons=["copy"], feedback_options=("Like", "Dislike"))
     page = gr.ChatInterface(
         chat_fn,
-        chatbot=gr.Chatbot(label=settings.title, placeholder="Ask anything. Replies stream in as they are written.",
-                           height="65vh", buttons=["copy"]),
+        chatbot=chatbot,
         textbox=gr.Textbox(placeholder="Type a message and press Enter", submit_btn=True, stop_btn=True,
                            show_label=False, max_lines=12),
         additional_inputs=[
@@ -44,7 +52,16 @@ def build_page(chat_fn, settings: ChatPageSettings) -> gr.Blocks:
         api_name="chat",
         concurrency_limit=settings.concurrency_limit,
         autofocus=True,
+        editable=True,
+        save_history=True,
+        # Likes go to Prometheus and the request log (record_feedback), not Gradio's CSV file.
+        flagging_mode="never",
+        analytics_enabled=False,
     )
+    keep_history(page, storage_key, history_secret(settings.history_secret_file))
+    with page:
+        chatbot.like(make_feedback_fn(record_feedback), [chatbot], None, queue=False,
+                     api_visibility="undocumented")
     # Gradio's default is one event at a time for everyone; replies stream concurrently.
     page.queue(default_concurrency_limit=settings.concurrency_limit)
     return page

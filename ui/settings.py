@@ -1,5 +1,7 @@
 """Settings of the chat page, from its application's `args` in deploy.yaml."""
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.settings import GenerationDefaults
@@ -15,6 +17,11 @@ class ChatPageSettings(BaseModel):
     concurrency_limit: int = Field(
         16, ge=1, description="Replies streaming at once across all users; more wait in Gradio's queue."
     )
+    max_prompt_chars: int = Field(
+        32000, ge=1, description="Longest message the page sends on; keep it at the Textbot app's own limit.")
+    history_secret_file: Path | None = Field(
+        None, description="File holding the secret that encrypts conversations kept in the browser; made on "
+        "first use. Default ~/.config/textbot/chat-history-secret; TEXTBOT_UI_SECRET overrides it.")
     examples: list[str] = [
         "Tell me a short story about a fox who learns to sail.",
         "Explain what a language model is to a ten-year-old.",

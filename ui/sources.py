@@ -1,10 +1,12 @@
 """Stream sources for the chat function: Textbot through a Serve handle, or over HTTP."""
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 
 import httpx
 
+from ui.chat import Usage
 
 Notify = Callable[[str], None]
 
@@ -14,24 +16,38 @@ def dropped_notice(dropped: int) -> str:
             f"message{'s' if dropped > 1 else ''} no longer reach the model.")
 
 
-def handle_source(handle):
-    """Stream from Textbot's `stream_chat` through a DeploymentHandle (inside Serve)."""
+def handle_source(handle, max_prompt_chars: int):
+    """Stream from Textbot's `stream_reply` through a DeploymentHandle (inside Serve): its
+    pieces carry the token counts the figures under a reply need. `stream_reply` trusts its
+    caller to have checked message sizes (the HTTP ingress does), so the page checks them
+    here with the backend's own rule and sentence."""
+    from backend.protocol import ChatMessage, SamplingParams, check_text
+
     streaming = handle.options(stream=True)
 
     async def stream(messages: list[dict], sampling: dict, notify: Notify,
-                     session: str | None = None) -> AsyncIterator[str]:
+                     session: str | None = None) -> AsyncIterator[str | Usage]:
+        for message in messages:
+            check_text(message["content"], "content", max_prompt_chars)
         fitted = await handle.fit_conversation.remote(messages, sampling.get("max_new_tokens"))
         if fitted["dropped"]:
             notify(dropped_notice(fitted["dropped"]))
         # The session id routes the turn to the replica holding the conversation's prefix cache.
         routed = streaming.options(session_id=session) if session else streaming
-        response = routed.stream_chat.remote(fitted["messages"], sampling)
+        response = routed.stream_reply.remote([ChatMessage(**m) for m in fitted["messages"]],
+                                              SamplingParams(**sampling), route="page")
+        last = None
         try:
             async for piece in response:
-                yield piece
+                last = piece
+                if piece.text:
+                    yield piece.text
         finally:
             # Stop pressed or tab closed: Gradio cancels us; pass it on to the replica.
             response.cancel()
+        if last is not None:
+            # Serve's request id: the one on the Textbot replica's log line for this reply.
+            yield Usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens, response.request_id)
 
     return stream
 
@@ -51,10 +67,10 @@ def http_source(backend_url: str, api_key: str | None = None, timeout_s: float =
                                timeout=httpx.Timeout(timeout_s, connect=10.0))
 
     async def stream(messages: list[dict], sampling: dict, notify: Notify,
-                     session: str | None = None) -> AsyncIterator[str]:
+                     session: str | None = None) -> AsyncIterator[str | Usage]:
         body = {"messages": messages, "stream": True, "temperature": sampling.get("temperature"),
                 "top_p": sampling.get("top_p"), "max_tokens": sampling.get("max_new_tokens"),
-                "truncation": "auto"}
+                "truncation": "auto", "stream_options": {"include_usage": True}}
         try:
             async with client.stream("POST", "v1/chat/completions", json=body,
                                      headers={"x-session-id": session} if session else None) as response:
@@ -63,16 +79,18 @@ def http_source(backend_url: str, api_key: str | None = None, timeout_s: float =
                     raise BackendError(_error_message(response))
                 if dropped := int(response.headers.get("x-textbot-dropped-messages", "0")):
                     notify(dropped_notice(dropped))
-                async for piece in openai_pieces(response.aiter_lines()):
-                    yield piece
+                request_id = response.headers.get("x-request-id")
+                async for piece in openai_pieces(response.aiter_lines(), usage=True):
+                    yield piece if isinstance(piece, str) else dataclasses.replace(piece, request_id=request_id)
         except httpx.TransportError as error:
             raise BackendError(f"cannot reach the backend at {backend_url} ({error.__class__.__name__}).") from error
 
     return stream
 
 
-async def openai_pieces(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The text pieces of an OpenAI chat-completions SSE stream; an error event raises BackendError."""
+async def openai_pieces(lines: AsyncIterator[str], usage: bool = False) -> AsyncIterator[str | Usage]:
+    """The text pieces of an OpenAI chat-completions SSE stream, and with `usage` its usage
+    chunk (`stream_options.include_usage`) as a Usage; an error event raises BackendError."""
     async for line in lines:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
@@ -82,6 +100,10 @@ async def openai_pieces(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         for choice in chunk.get("choices", ()):
             if piece := choice["delta"].get("content"):
                 yield piece
+        if usage and (counts := chunk.get("usage")):
+            details = counts.get("prompt_tokens_details") or {}
+            yield Usage(counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0),
+                        details.get("cached_tokens") or 0)
 
 
 def _error_message(response: httpx.Response) -> str:
