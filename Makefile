@@ -18,7 +18,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # no trace a later Ray start would follow (backend/launch.py). Ports in use stop it at
 # once; move them with e.g. `make run HTTP_PORT=8001 METRICS_PORT=8081 RAY_PORT=6380`.
 # HTTP_PORT empty: deploy.yaml's http_options.port (8000). RAY_PORT: the head's GCS.
-# RAY_FLAGS go to `ray start`, e.g. RAY_FLAGS=--temp-dir=/tmp/textbot.
+# RAY_FLAGS go to `ray start`, e.g. RAY_FLAGS=--temp-dir=/tmp/textbot; the node runs without Ray's
+# dashboard (a quicker start) unless RAY_FLAGS=--include-dashboard=true.
 HTTP_PORT :=
 METRICS_PORT := 8080
 RAY_PORT := 6379

@@ -7,6 +7,16 @@ Why not `serve run` alone: the Ray it starts cannot be asked for a metrics port.
 Why not `ray start --head` ... `ray stop`: `ray stop` stops every Ray node on the
 machine, someone else's test session included.
 
+It does what `serve run --address ... deploy.yaml` does (Serve started, the config
+submitted, Ray's worker logs printed here, Serve shut down on Ctrl-C) in its own
+process, for a quicker start (docs/BENCHMARKS.md, restart to first token): Ray and
+Serve import here while the node starts; Serve starts as soon as the node's GCS answers
+(the metrics exporter comes up beside it); the config's first application (the model's)
+is deployed alone and the others once it runs, so its replicas do not share the two
+CPUs with the chat page's Gradio; the node runs without Ray's dashboard (a web UI and
+the REST API of `serve deploy`/`serve status`; Prometheus' exporter is the node's agent,
+not the dashboard): pass --include-dashboard=true to have it.
+
     python -m backend.launch [--http-port 8000] [--metrics-port 8080] [--ray-port 6379] [ray start flags] deploy.yaml
 """
 
@@ -19,7 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,53 +59,103 @@ def main() -> int:
     if taken := [(port, what) for port, what, host in wanted if not port_is_free(host, port)]:
         sys.exit(ports_taken_sentence(taken))
 
-    served_config = args.config
-    if http_port != http_options.get("port", 8000):
-        # `serve run` takes the port from the config file only: serve a copy with it replaced.
-        http_options["port"] = http_port
-        with tempfile.NamedTemporaryFile("w", prefix="textbot-serve-", suffix=".yaml", delete=False) as copy:
-            yaml.safe_dump(config, copy, sort_keys=False)
-        served_config = copy.name
-
+    http_options["port"] = http_port
     if "RAY_AUTH_MODE" not in os.environ:
         # Ray 2.60's head turns token auth on when it finds a token (~/.ray/auth_token), but a
-        # client given an explicit address, like `serve run` below, only when RAY_AUTH_MODE says
-        # so. Say it once, for both; with a token made if there is none, as ray.init() does.
-        subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL)
+        # client given an explicit address, like ours below, only when RAY_AUTH_MODE says so.
+        # Say it once, for both; with a token made if there is none, as ray.init() does.
+        ensure_auth_token()
         os.environ["RAY_AUTH_MODE"] = "token"
-    address_file = ray_address_file(ray_flags)
-    address_before = read_text(address_file)
+
+    def stop_serving(signum, frame) -> None:
+        # Ctrl-C in a terminal, or SIGTERM from a process manager: the same clean stop.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop_serving)
+    signal.signal(signal.SIGTERM, stop_serving)
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--disable-usage-stats",
+                             # No dashboard unless asked for (a later flag wins): a dozen processes
+                             # fewer to start on two CPUs; the metrics exporter does not need it.
+                             "--include-dashboard=false",
                              f"--port={args.ray_port}", f"--metrics-export-port={args.metrics_port}", *ray_flags],
-                            # Its own group: Ctrl-C is for `serve run`, then we stop the node. No drain
+                            # Its own group: Ctrl-C is for us, then we stop the node. No drain
                             # on SIGTERM (30 s by default, for Kubernetes upgrades): the node is the cluster.
                             start_new_session=True, env=os.environ | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
-    serving: subprocess.Popen | None = None
-
-    def end_serving(signum, frame) -> None:
-        if serving is None:
-            raise KeyboardInterrupt
-        # Ctrl-C in a terminal reaches `serve run` too, which then shuts Serve down; SIGTERM does not.
-        if signum == signal.SIGTERM and serving.poll() is None:
-            serving.send_signal(signal.SIGINT)
-
-    signal.signal(signal.SIGINT, end_serving)
-    signal.signal(signal.SIGTERM, end_serving)
+    address_file = address_before = None
+    serving = False
     try:
-        wait_for_head(head, args.metrics_port)
-        print(f"Ray's metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-        serving = subprocess.Popen([BIN / "serve", "run", "--address", f"127.0.0.1:{args.ray_port}", served_config])
-        return serving.wait()
+        # Read before the head writes it, seconds from now (`ray start` writes it once its node is up).
+        address_file = ray_address_file(ray_flags)
+        address_before = read_text(address_file)
+        # While the node starts (its first seconds wait on its own processes).
+        import ray
+        from ray.serve._private import api as serve_api
+        from ray.serve.config import gRPCOptions
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.model_validate(config)  # a wrong config fails here, before Serve starts
+        wait_for_port(head, args.ray_port, "its GCS")
+        threading.Thread(target=report_metrics_port, args=(head, args.metrics_port), daemon=True).start()
+        # As `serve run --address` does it: a driver whose workers' logs print here.
+        ray.init(address=f"127.0.0.1:{args.ray_port}", namespace="serve")
+        print(f"Running config file: '{args.config}'.", flush=True)
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=schema.proxy_location,
+                                       grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                                       controller_options=schema.controller_options)
+        serving = True
+        deploy_first_application_first(client, schema, head)
+        return head.wait() or 1  # the node ended under us
     except KeyboardInterrupt:
         return 130
     finally:
         # A second Ctrl-C while the node stops must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if serving and head.poll() is None:
+            print("Shutting down Serve...", flush=True)
+            with contextlib.suppress(Exception):
+                from ray import serve
+
+                serve.shutdown()
+        if "ray" in sys.modules:
+            with contextlib.suppress(Exception):
+                sys.modules["ray"].shutdown()
         stop_node(head)
-        forget_node(address_file, args.ray_port, address_before)
-        if served_config != args.config:
-            Path(served_config).unlink(missing_ok=True)
+        if address_file:
+            forget_node(address_file, args.ray_port, address_before)
+
+
+def ensure_auth_token() -> None:
+    """`ray get-auth-token --generate`, without starting a second Ray CLI for it: a token
+    from the environment or a token file is kept; else one is made and saved."""
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH")
+                                                 or Path.home() / ".ray" / "auth_token").is_file():
+        return
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    from ray._raylet import AuthenticationTokenLoader
+
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        generate_and_save_token()
+
+
+def deploy_first_application_first(client, schema, head: subprocess.Popen) -> None:
+    """Submit the config's first application alone, the rest once it runs (or fails, or
+    after START_TIMEOUT_S): on two CPUs the model's replica then starts without the chat
+    page's imports beside it. Resubmitting the first unchanged leaves it as it is."""
+    from ray.serve.schema import ApplicationStatus
+
+    first, *rest = schema.applications
+    if rest:
+        client.deploy_apps(schema.model_copy(update={"applications": [first]}), _blocking=False)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and head.poll() is None:
+            status = client.get_serve_status(first.name).app_status.status
+            if status not in (ApplicationStatus.NOT_STARTED, ApplicationStatus.DEPLOYING):
+                break
+            time.sleep(0.2)
+    client.deploy_apps(schema, _blocking=False)
+    print("Submitted deploy config successfully.", flush=True)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -179,17 +239,27 @@ def answers(address: str) -> bool:
         return False
 
 
-def wait_for_head(head: subprocess.Popen, metrics_port: int) -> None:
-    """The head is up once its exporter listens (the node's agent starts it last)."""
+def wait_for_port(head: subprocess.Popen, port: int, what: str) -> None:
+    """Until the head node listens on `port`, or exits."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if head.poll() is not None:
             sys.exit(f"`ray start --head` exited with status {head.returncode}; see its output above "
                      "(is another Ray already using these ports?).")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", metrics_port), timeout=1):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             return
-        time.sleep(0.5)
-    sys.exit(f"Ray's head node did not open port {metrics_port} within {START_TIMEOUT_S} s.")
+        time.sleep(0.1)
+    sys.exit(f"Ray's head node did not open {what} (port {port}) within {START_TIMEOUT_S} s.")
+
+
+def report_metrics_port(head: subprocess.Popen, metrics_port: int) -> None:
+    """The node's agent opens the exporter last, while Serve starts: say where it is once it is."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and head.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", metrics_port), timeout=1):
+            print(f"Ray's metrics: http://127.0.0.1:{metrics_port}/metrics", flush=True)
+            return
+        time.sleep(0.25)
 
 
 def stop_node(node: subprocess.Popen) -> None:

@@ -187,6 +187,15 @@ def base_url(serve_instance) -> str:
     return serve_instance
 
 
+@pytest.fixture(scope="session")
+def serve_logs(serve_instance) -> str:
+    """This session's Serve log folder. Not /tmp/ray/session_latest: that follows the newest
+    Ray node on the machine, which may be a `make run` (or a test's own node) started since."""
+    import ray
+
+    return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+
+
 @pytest.fixture
 def http(base_url):
     with httpx.Client(base_url=base_url, timeout=120) as client:

@@ -217,7 +217,7 @@ def feedback_count(metrics_url: str, app: str, value: str) -> float:
     return 0.0
 
 
-def test_a_like_is_counted_and_logged_with_the_replys_request_id(page, base_url, metrics_url):
+def test_a_like_is_counted_and_logged_with_the_replys_request_id(page, base_url, metrics_url, serve_logs):
     before = feedback_count(metrics_url, "tiny-page", "like")
     page.goto(f"{base_url}/tiny-page/")
     send(page, "Hello there")
@@ -229,8 +229,7 @@ def test_a_like_is_counted_and_logged_with_the_replys_request_id(page, base_url,
         time.sleep(1)
     assert feedback_count(metrics_url, "tiny-page", "like") >= before + 1
 
-    # This session's logs: session_latest may point at another Ray node started on the machine since.
-    logs = f"{ray._private.worker._global_node.get_session_dir_path()}/logs/serve"
+    logs = serve_logs
     def lines(pattern: str) -> list[str]:
         return [line for path in glob.glob(f"{logs}/{pattern}") for line in open(path, errors="replace")]
     deadline = time.monotonic() + 30

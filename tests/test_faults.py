@@ -146,7 +146,7 @@ def test_health_reflects_a_lost_model_replica_until_serve_replaces_it(http):
     assert http.get("/tiny-victim/health").json() == {"status": "ok", "model": "tiny-chat"}
 
 
-def test_serve_replaces_a_replica_whose_decode_loop_is_wedged(http, base_url):
+def test_serve_replaces_a_replica_whose_decode_loop_is_wedged(http, base_url, serve_logs):
     """tiny-slow reads a 7700-token prompt in one step of 10 s or more, against a stall
     limit of 0.5 s: to its health check, a wedged loop. /health says so, Serve's controller
     sees check_health fail and replaces the replica, and the new one serves."""
@@ -165,7 +165,7 @@ def test_serve_replaces_a_replica_whose_decode_loop_is_wedged(http, base_url):
     print("health while wedged:", health["error"]["message"], "| replaced by:", replaced)
     assert "The decode loop has finished no step for" in health["error"]["message"]
     replica_id = wedged_replica.rsplit("#", 1)[1]
-    verdicts = [line for path in glob.glob("/tmp/ray/session_latest/logs/serve/controller_*.log")
+    verdicts = [line for path in glob.glob(f"{serve_logs}/controller_*.log")
                 for line in open(path, errors="replace") if replica_id in line and "failed the health check" in line]
     assert verdicts, f"no health-check failure of replica {replica_id} in the controller's log"
     assert stuck_status == 503  # its replica was replaced before the first token: try again

@@ -71,7 +71,8 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
 
         reply = httpx.post(f"{app}/api/", params={"prompt": "Hello", "max_new_tokens": 8}, timeout=60)
         assert reply.status_code == 200 and reply.text
-        assert httpx.get(f"{app}/", timeout=30).status_code == 200  # the chat page
+        # The chat page: deployed once the model's application runs (backend/launch.py), so a little later.
+        wait_for(lambda: httpx.get(f"{app}/", timeout=30).status_code == 200, 120, "the chat page at /")
 
         samples = wait_for(lambda: (s := textbot_samples(metrics, "textbot"))
                            .get("ray_textbot_completion_tokens_total", 0) >= 1 and s, 90,

@@ -56,12 +56,12 @@ def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_u
     assert samples["ray_textbot_prefix_cache_bytes"] > 0
 
 
-def test_each_request_leaves_one_structured_log_line_without_the_prompt(http):
+def test_each_request_leaves_one_structured_log_line_without_the_prompt(http, serve_logs):
     response = http.post("/tiny-chat/v1/chat/completions", json={"messages": HELLO, "max_tokens": 24,
                                                                  "temperature": 0})
     assert response.status_code == 200
     request_id = response.headers["x-request-id"]
-    logs = "/tmp/ray/session_latest/logs/serve"  # Ray's documented place for the session's logs
+    logs = serve_logs
 
     deadline, lines = time.monotonic() + 30, []
     while time.monotonic() < deadline and not lines:
