@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from bench import report
-from bench.clients import engine_client, gradio_client, openai_client, text_client, transformers_client
+from bench.clients import engine_client, openai_client, page_client, text_client, transformers_client
 from bench.load import run_level
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,9 @@ async def measure_llamacpp(args, model_settings, textbot_threads: int, count_tok
 
 async def measure(name: str, stream, args, count_tokens) -> list[dict]:
     levels = []
-    await run_level(stream, 1, 1, min(args.max_tokens, 8), count_tokens)  # warm-up, not reported
+    # Warm-up, not reported (the page's reply-length control starts at 16 tokens: fewer is refused).
+    await run_level(stream, 1, 1, 16 if name == "page" else min(args.max_tokens, 8),
+                    count_tokens)
     for concurrency in args.concurrency:
         level = await run_level(stream, concurrency, args.requests_per_client, args.max_tokens, count_tokens)
         print(f"{name:>12} x{concurrency:<3} ttft p50 {level['ttft_p50_ms']} ms, itl p95 {level['itl_p95_ms']} ms, "
@@ -218,7 +220,7 @@ async def run(args: argparse.Namespace) -> dict:
             page = args.url.rstrip("/") + "/" + args.page_path.strip("/")
             async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
                 clients = {"http": lambda: text_client(api, client), "openai": lambda: openai_client(api, client),
-                           "page": lambda: gradio_client(page.rstrip("/") + "/")}
+                           "page": lambda: page_client(page.rstrip("/") + "/", client)}
                 for target in served:
                     if up:
                         results[target] = await measure(target, clients[target](), args, count_tokens)

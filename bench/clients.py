@@ -5,7 +5,9 @@ drives them all the same way."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
@@ -79,25 +81,69 @@ def openai_client(api_url: str, client: httpx.AsyncClient, model: str | None = N
     return stream
 
 
-def gradio_client(page_url: str) -> Stream:
-    """(e) The chat page through gradio_client, as a browser's requests would go."""
-    from gradio_client import Client
+def reply_text(output) -> str:
+    """An update of the page's /chat: the reply so far (a string), or at the end the reply and
+    its figures note (a list of messages)."""
+    if isinstance(output, str):
+        return output
+    return next((m["content"] for m in output or () if not (m.get("metadata") or {}).get("title")), "")
 
-    client = Client(page_url, verbose=False)
 
-    def chat(prompt: str, max_tokens: int) -> Iterator[str]:
-        job = client.submit(prompt, "", 0.0, 1.0, max_tokens, api_name="/chat")
-        sent = ""
-        for partial in job:  # each update is the whole reply so far; the last, it and its figures
-            text = partial if isinstance(partial, str) else next(
-                (m["content"] for m in partial if not (m.get("metadata") or {}).get("title")), "")
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-        if not job.status().success:
-            raise RuntimeError("the chat page reported an error")
+def page_client(page_url: str, client: httpx.AsyncClient) -> Stream:
+    """(e) The chat page, as a browser tab talks to it: each chat is a Gradio session of its
+    own (as each tab is) that joins the page's queue for the /chat event
+    (POST gradio_api/queue/join) and reads the session's Server-Sent Events
+    (GET gradio_api/queue/data), applying Gradio's diffs to rebuild the reply. The page
+    replica does the same work as for a browser's chat (queue, chat function, a diffed SSE
+    message per update); the client reads each message as it arrives, as a browser's
+    EventSource does, on the benchmark's event loop like the other HTTP clients.
 
-    return lambda prompt, max_tokens: from_thread(lambda: chat(prompt, max_tokens))
+    Not gradio_client: it hands each SSE message to its job by polling (every 50 ms, and the
+    job's iterator every 1 ms, on a thread per chat), which added up to 50 ms to each update
+    and, at 8 chats, took a third of a core beside the page replica on this 2-core machine."""
+    from gradio_client.utils import apply_diff
+
+    root = page_url.rstrip("/") + "/"
+    config = httpx.get(root + "config", timeout=30).json()
+    api = root + config.get("api_prefix", "/gradio_api").strip("/") + "/"
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
+
+    async def stream(prompt: str, max_tokens: int) -> AsyncIterator[str]:
+        session = uuid.uuid4().hex[:11]
+        # The /chat event's inputs: message, its history (a State: None), system prompt,
+        # temperature, top-p, max new tokens.
+        joined = await client.post(api + "queue/join", json={
+            "data": [prompt, None, "", GREEDY["temperature"], GREEDY["top_p"], max_tokens],
+            "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
+        joined.raise_for_status()
+        event_id = joined.json()["event_id"]
+        output, sent = None, ""
+        async with client.stream("GET", api + "queue/data", params={"session_hash": session}) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("event_id") != event_id:
+                    continue
+                if message["msg"] == "process_generating":
+                    data = message["output"]["data"][0]
+                    output = data if output is None else apply_diff(output, data)
+                elif message["msg"] == "process_completed":
+                    if not message.get("success", True):
+                        raise RuntimeError(f"the chat page reported an error: {message['output'].get('error')}")
+                    output = message["output"]["data"][0]
+                else:
+                    continue
+                text = reply_text(output)
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                    sent = text
+                if message["msg"] == "process_completed":
+                    return
+        raise RuntimeError("the chat page's event stream ended before the reply did")
+
+    return stream
 
 
 async def from_thread(make_iterator: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
