@@ -19,7 +19,8 @@ StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None], A
 
 # At most one update to the browser per chat in this many seconds. Each update makes Gradio
 # postprocess and diff the whole conversation and send an SSE message: one per token costs
-# the page replica's CPU what the other routes spend on nothing (measured in the README).
+# the page replica's CPU what the other routes spend on nothing (docs/BENCHMARKS.md, the chat
+# page under load).
 UPDATE_INTERVAL_S = 0.04
 
 # The marker of the line of figures under a reply: a Gradio "thought" note, not the model's words.
