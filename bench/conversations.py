@@ -35,6 +35,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench.report import write_side_study
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [
     "Hi! Can you tell me about the solar system?", "Which planet is the largest?", "And the smallest?",
@@ -277,10 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     run |= {"agreement": agreed, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["python", "-m", "bench.conversations", *(argv or sys.argv[1:])]),
             "settings": vars(args) | {"out": str(args.out)}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "conversations.json").write_text(json.dumps(run, indent=2))
-    (args.out / "conversations.md").write_text(report(run))
-    print(report(run))
+    write_side_study(args.out, "conversations", run, report(run))
 
 
 if __name__ == "__main__":

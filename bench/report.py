@@ -98,6 +98,14 @@ def write_json(path: Path, run: dict) -> None:
     path.write_text(json.dumps(run, indent=2))
 
 
+def write_side_study(out: Path, name: str, run: dict, markdown: str) -> None:
+    """A side study's results (bench.conversations, bench.structured): name.json and name.md in `out`,
+    the Markdown printed too."""
+    write_json(out / f"{name}.json", run)
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def write_plot(path: Path, run: dict) -> None:
     import matplotlib
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from backend.protocol import ChatMessage, OutputSchema, ResolvedSampling
+from bench.report import write_side_study
 
 ROOT = Path(__file__).resolve().parent.parent
 # A prompt the model answers with JSON when free (greedy, int4 and float32 alike; some wordings
@@ -118,10 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     run = {"date": datetime.date.today().isoformat(), "rounds": args.rounds, "max_tokens": args.max_tokens,
            "grammar": grammar_work(engine, modes["json_schema"]["text"]), "modes": modes}
     engine.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "structured.json").write_text(json.dumps(run, indent=2))
-    (args.out / "structured.md").write_text(report(run))
-    print(report(run))
+    write_side_study(args.out, "structured", run, report(run))
 
 
 if __name__ == "__main__":
