@@ -67,7 +67,7 @@ def test_finished_reply_has_its_figures_and_request_id(tiny_page_url, http):
 def test_backend_error_is_shown_not_hung(tiny_page_url):
     job = Client(tiny_page_url, verbose=False).submit("x" * 40_000, *GREEDY_INPUTS, api_name="/chat")
     with pytest.raises(Exception, match="limit is 32000") as error:
-        job.result(timeout=60)
+        job.result(timeout=180)  # a bound on "not hung"; a loaded CI machine took over 60 s once
     assert "Traceback" not in str(error.value) and 'File "' not in str(error.value)
 
 

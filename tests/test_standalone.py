@@ -77,7 +77,7 @@ def test_standalone_shows_backend_errors(standalone):
     url, _ = standalone
     job = Client(url, verbose=False).submit("x" * 40_000, "", 0.0, 1.0, 16, api_name="/chat")
     with pytest.raises(Exception, match="limit is 32000"):
-        job.result(timeout=60)
+        job.result(timeout=180)  # a bound on "not hung"; a loaded CI machine took over 60 s once
 
 
 def test_bad_backend_url_is_refused_with_a_message():
