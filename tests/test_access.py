@@ -4,12 +4,12 @@ import asyncio
 
 import httpx
 import pytest
-from gradio_client import Client
 from openai import AuthenticationError, OpenAI
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import API_KEY, PAGE_LOGIN
+from tests.test_chat_page import page_client
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -60,7 +60,7 @@ def test_websocket_without_the_key_is_closed_with_1008(base_url):
 def test_chat_page_login(base_url):
     url = f"{base_url}/locked-page/"
     with pytest.raises(Exception):
-        Client(url, verbose=False)
-    client = Client(url, auth=PAGE_LOGIN, verbose=False)
+        page_client(url)
+    client = page_client(url, auth=PAGE_LOGIN)
     assert client.submit("Hello", "", 0.0, 1.0, 16, api_name="/chat").result(timeout=60)
     assert httpx.post(f"{url}login", data={"username": "ada", "password": "wrong"}).status_code >= 400

@@ -189,11 +189,15 @@ def test_conversation_survives_a_reload_and_a_restart_of_the_page(page, base_url
     wait_for_reply_to_finish(page, turn=1)
     figures(page).first.wait_for(timeout=30_000)
     reply = bot_text(page)
+    # Saving is a later event of its own (ChatInterface's save, then the browser's write to
+    # localStorage): reloading before the history list shows it would lose the turn.
+    saved = page.locator("tr.tr-body", has_text=message)
+    saved.wait_for(timeout=60_000)
 
     def reopened() -> None:
         page.goto(url)
-        page.get_by_text(message).first.wait_for(timeout=60_000)  # in the history list
-        page.get_by_text(message).first.click()
+        saved.wait_for(timeout=60_000)
+        saved.first.click()
         page.get_by_test_id("user").filter(has_text=message).wait_for(timeout=30_000)
         assert normalised(bot_text(page)) == normalised(reply)
 

@@ -5,12 +5,11 @@ import sys
 import time
 
 import pytest
-from gradio_client import Client
 
 import os
 
 from tests.conftest import ROOT, free_port
-from tests.test_chat_page import FIGURES, figures_of, finished, partials
+from tests.test_chat_page import FIGURES, figures_of, finished, page_client, partials
 from tests.test_page_hardening import assert_refused
 
 
@@ -40,7 +39,7 @@ def test_offline_share_keeps_serving_locally_and_says_so_in_one_line(standalone)
 
 def test_standalone_page_streams_from_the_http_api(standalone, http):
     url, _ = standalone
-    outputs = partials(Client(url, verbose=False), "Hello there", ("Be kind.", 0.0, 1.0, 16))
+    outputs = partials(page_client(url), "Hello there", ("Be kind.", 0.0, 1.0, 16))
     assert len(outputs) > 2
     assert all(later.startswith(earlier) for earlier, later in zip(outputs, outputs[1:]))
     direct = http.post("/tiny-chat/v1/chat/completions", json={
@@ -51,7 +50,7 @@ def test_standalone_page_streams_from_the_http_api(standalone, http):
 
 def test_standalone_reply_has_figures_from_the_apis_usage(standalone):
     url, _ = standalone
-    figures = figures_of(finished(Client(url, verbose=False), "Hello there", ("", 0.0, 1.0, 16))[-1])
+    figures = figures_of(finished(page_client(url), "Hello there", ("", 0.0, 1.0, 16))[-1])
     assert FIGURES.match(figures["title"]), figures
     assert figures["id"].split(":", 1)[1], "no X-Request-ID from the backend"
 
@@ -75,7 +74,7 @@ def test_page_refuses_to_start_with_code_editing_switched_on(variable):
 
 def test_standalone_shows_backend_errors(standalone):
     url, _ = standalone
-    job = Client(url, verbose=False).submit("x" * 40_000, "", 0.0, 1.0, 16, api_name="/chat")
+    job = page_client(url).submit("x" * 40_000, "", 0.0, 1.0, 16, api_name="/chat")
     with pytest.raises(Exception, match="limit is 32000"):
         job.result(timeout=180)  # a bound on "not hung"; a loaded CI machine took over 60 s once
 
