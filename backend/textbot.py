@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from backend.conversation import fit_to_context
+from backend.engine.prompt import is_conversation
 from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, InvalidSamplingError, PromptTooLongError
 from backend.metrics import ReplyMetrics
 from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, ToolSpec, check_text
@@ -148,8 +149,7 @@ class Textbot:
         """Submit to the engine with defaults filled in. `strict`: a token limit the caller
         asked for must fit in the context (OpenAI's rule), rather than being shortened."""
         defaults = self.settings.generation
-        if defaults.system_prompt and isinstance(prompt, list) and prompt and isinstance(prompt[0], ChatMessage) \
-                and not any(m.role == "system" for m in prompt):
+        if defaults.system_prompt and is_conversation(prompt) and not any(m.role == "system" for m in prompt):
             prompt = [ChatMessage(role="system", content=defaults.system_prompt), *prompt]
         sampling = ResolvedSampling(
             max_new_tokens=params.max_new_tokens or defaults.max_new_tokens,

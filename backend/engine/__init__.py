@@ -9,6 +9,8 @@
     batch.py        the generic path, through Hugging Face's forward
     prefix_cache.py keys and values of finished requests, for a conversation's next turn
     sampling.py     the next token from logits, per request
+    constraint.py   structured output: a JSON schema's grammar masks the tokens that would break it
+    stops.py        stop strings, cut before they reach the client
     detokenizer.py  token ids -> text pieces without broken characters
     engine.py       the scheduler: one decode loop per replica, submit -> Generation, cancel
 

@@ -10,6 +10,7 @@ computes a token mask in tens of microseconds, against tens of milliseconds for 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 
 import llguidance
@@ -20,13 +21,16 @@ import torch
 from backend.errors import InvalidSamplingError
 from backend.protocol import OutputSchema
 
+log = logging.getLogger(__name__)
+
 # The separators a model has seen most in JSON; no free whitespace, which a small model
 # could otherwise spend its whole budget on.
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class Vocabulary:
-    """The tokenizer as the grammar engine sees it: built once per model, on first use."""
+    """The tokenizer as the grammar engine sees it: built once per model, by `build_soon`'s
+    thread or on first use, whichever comes first."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int]):
         self._args = (tokenizer, vocab_size, sorted(eos_token_ids))
@@ -40,6 +44,18 @@ class Vocabulary:
                 tokenizer, vocab_size, eos = self._args
                 self._built = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
             return self._built
+
+    def build_soon(self) -> None:
+        """Build it on a thread of its own now, so the first request with a schema or
+        log-probabilities does not stall its replica's event loop for the build (0.35 s on a
+        quiet machine, 1.5 s on a loaded one)."""
+        def build():
+            try:
+                self.tokenizer
+            except Exception as exc:  # noqa: BLE001 - raised again to the first request that needs it
+                log.info("The grammar's view of the vocabulary could not be built: %s", exc)
+
+        threading.Thread(target=build, name="grammar-vocabulary", daemon=True).start()
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (its text may be half a character)."""

@@ -151,6 +151,7 @@ class Engine:
         self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
                              if self.path is slots and limits.prefix_cache_mb else None)
         self.vocabulary = Vocabulary(loaded.tokenizer, self.vocab_size, list(loaded.eos_token_ids))
+        self.vocabulary.build_soon()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown

@@ -16,12 +16,17 @@ TOOLS_INTRO = ("You can call these functions (JSON schemas of their arguments fo
                "<arguments object>}}</tool_call> and nothing else.")
 
 
+def is_conversation(prompt: Prompt) -> bool:
+    """Chat messages (which go through the chat template), not a text or token ids."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], ChatMessage)
+
+
 def encode_prompt(tokenizer, prompt: Prompt, tools: list[ToolSpec] | None = None) -> list[int]:
+    if is_conversation(prompt):
+        return encode_chat(tokenizer, prompt, tools)
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    if prompt and isinstance(prompt[0], int):
-        return list(prompt)
-    return encode_chat(tokenizer, prompt, tools)
+    return list(prompt)
 
 
 def encode_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def held_back(text: str, strings: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could be the start of one of `strings`
+    (and so must wait for the next piece)."""
+    return max((n for s in strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
 class StopStrings:
     """Cuts the text before the first stop string.
 
@@ -23,7 +29,7 @@ class StopStrings:
         if hits:
             self.held = ""
             return text[: min(hits)], True
-        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        keep = held_back(text, self.stops)
         self.held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep], False
 

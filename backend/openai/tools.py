@@ -14,6 +14,7 @@ import json
 import re
 import uuid
 
+from backend.engine.stops import held_back
 from backend.openai.protocol import ChatCompletionRequest, NamedToolChoice
 from backend.protocol import FunctionCall, OutputSchema, ToolCall
 
@@ -103,6 +104,6 @@ class CallOpening:
         if (start := text.find(CALL_OPEN)) >= 0:
             self.calling, self.held = True, text[start:]
             return text[:start]
-        keep = max((n for n in range(1, len(CALL_OPEN)) if text.endswith(CALL_OPEN[:n])), default=0)
+        keep = held_back(text, (CALL_OPEN,))
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
