@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
-from backend.conversation import fit_to_context
 from backend.engine.prompt import is_conversation
 from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, InvalidSamplingError, PromptTooLongError
 from backend.metrics import ReplyMetrics
@@ -26,26 +25,26 @@ from backend.settings import TextbotSettings
 from backend.streams import merge
 
 if TYPE_CHECKING:
-    from backend.engine import Generation
+    from backend.engine.generation import Generation
 
 _messages = TypeAdapter(list[ChatMessage])
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
+def _resident_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @serve.deployment
 class Textbot:
     def __init__(self, settings: TextbotSettings):
-        # Imported here, in the replica: Serve's build step imports this module too, and
-        # should not wait for torch (restart time, docs/BENCHMARKS.md).
-        from backend.engine import Engine, load
+        # The engine runs in a process of its own, so this process's event loop, streaming
+        # the replies through Ray, does not slow its decode steps (backend/engine/process.py).
+        # Nothing here imports torch.
+        from backend.engine.process import EngineProcess
 
         self.settings = settings
-        loaded = load(settings.model)
-        self.engine = Engine(loaded, settings.engine, settings.model.torch_threads)
+        self.engine = EngineProcess(settings.model, settings.engine, settings.model.torch_threads)
         self.metrics = ReplyMetrics()
 
     def __del__(self):
@@ -63,7 +62,7 @@ class Textbot:
         Raises APIError before the first piece if the request cannot be served;
         a failure while generating raises GenerationError from the stream.
         """
-        generations = self._start(prompt, sampling, strict, tools)
+        generations = await self._start(prompt, sampling, strict, tools)
         async for piece in merge([self._pieces(generation, route) for generation in generations]):
             yield piece
 
@@ -98,7 +97,7 @@ class Textbot:
         except APIError:
             self.metrics.refused.inc(tags={"kind": "invalid_request"})
             raise
-        [generation] = self._start(conversation, params.model_copy(update={"n": 1}))
+        [generation] = await self._start(conversation, params.model_copy(update={"n": 1}))
         async for piece in self._observed(generation, "handle:stream_chat"):
             yield piece
 
@@ -109,7 +108,7 @@ class Textbot:
         conversation = _messages.validate_python(messages)
         context = self.engine.context_length
         reply_room = min(max_new_tokens or self.settings.generation.max_new_tokens, context // 2)
-        fitted, dropped = fit_to_context(conversation, self.engine.count_prompt_tokens, context - reply_room)
+        fitted, dropped = await self.engine.fit(conversation, context - reply_room)
         return {"messages": [m.model_dump() for m in fitted], "dropped": dropped}
 
     def check_health(self) -> None:
@@ -121,30 +120,29 @@ class Textbot:
     def ready(self) -> dict:
         """For the ingress's /health: the model's name, once this replica can serve."""
         self.check_health()
-        return {"model": self.engine.loaded.name}
+        return {"model": self.engine.name}
 
-    def stats(self) -> dict:
-        """This replica's generations in flight, prefix cache and resident memory: for operators
-        and benchmarks."""
-        running, waiting = self._load()
-        cache = self.engine.prefix_cache
-        return {"running": running, "waiting": waiting,
-                "prefix_cache": dataclasses.asdict(cache.stats) if cache else None,
-                "rss_mb": round(_resident_bytes() / 2**20, 1)}
+    async def stats(self) -> dict:
+        """This replica's generations in flight, prefix cache and resident memory (its own
+        process's and its engine's): for operators and benchmarks."""
+        now = await self.engine.stats()
+        rss = _resident_bytes() + _resident_bytes(self.engine.pid)
+        return {"running": now["running"], "waiting": now["in_flight"] - now["running"],
+                "prefix_cache": now["prefix_cache"], "rss_mb": round(rss / 2**20, 1)}
 
     def _observed(self, generation: Generation, route: str) -> AsyncIterator[str]:
         return self.metrics.observe(generation, generation.submitted, route, self._report)
 
     def _report(self) -> None:
         self.metrics.set_load(*self._load())
-        if cache := self.engine.prefix_cache:
-            self.metrics.set_prefix_cache(cache.stats)
+        if stats := self.engine.prefix_cache_stats:
+            self.metrics.set_prefix_cache(stats)
 
     def _load(self) -> tuple[int, int]:
         running = self.engine.running
         return running, self.engine.in_flight - running
 
-    def _start(self, prompt: list[ChatMessage] | str | list[int], params: SamplingParams, strict: bool = False,
+    async def _start(self, prompt: list[ChatMessage] | str | list[int], params: SamplingParams, strict: bool = False,
                tools: list[ToolSpec] | None = None) -> list[Generation]:
         """Submit to the engine with defaults filled in. `strict`: a token limit the caller
         asked for must fit in the context (OpenAI's rule), rather than being shortened."""
@@ -164,8 +162,8 @@ class Textbot:
             output_schema=params.output_schema,
         )
         try:
-            return self.engine.submit_choices(prompt, sampling, params.n, tools=tools,
-                                              shorten=not (strict and params.max_new_tokens))
+            return await self.engine.submit_choices(prompt, sampling, params.n, tools=tools,
+                                                    shorten=not (strict and params.max_new_tokens))
         except PromptTooLongError as exc:
             self.metrics.refused.inc(tags={"kind": "context_length_exceeded"})
             raise APIError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt",

@@ -13,6 +13,8 @@
     stops.py        stop strings, cut before they reach the client
     detokenizer.py  token ids -> text pieces without broken characters
     engine.py       the scheduler: one decode loop per replica, submit -> Generation, cancel
+    generation.py   a reply in flight as its consumer sees it (no torch)
+    process.py      the engine in a process of its own, and the replica's side of it (no torch)
 
 Its interface is narrow: `Engine(load(settings), limits).submit(messages, sampling)`
 returns a `Generation` to iterate for text pieces or to cancel.
@@ -25,7 +27,7 @@ import importlib
 
 from backend.errors import EngineBusyError, PromptTooLongError
 
-_LAZY = {"Engine": "engine", "Generation": "engine", "LoadedModel": "loading", "load": "loading",
+_LAZY = {"Engine": "engine", "Generation": "generation", "EngineProcess": "process", "LoadedModel": "loading", "load": "loading",
          "ModelLoadError": "location", "locate": "location"}
 
 __all__ = ["EngineBusyError", "PromptTooLongError", *_LAZY]

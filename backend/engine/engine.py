@@ -30,7 +30,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +37,7 @@ import torch
 from backend.engine import batch as generic_path, slots
 from backend.engine.constraint import Constraint, Vocabulary
 from backend.engine.detokenizer import IncrementalDetokenizer
+from backend.engine.generation import Deliver, Finished, Generation, to_event_loop
 from backend.engine.loading import LoadedModel
 from backend.engine.prefix_cache import PrefixCache
 from backend.engine.prompt import Prompt, encode_prompt
@@ -51,61 +51,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Finished:
-    reason: str  # "stop" (end of sequence), "length" (token budget, context or time cap), "cancelled", "error"
-    error: BaseException | None = None
-
-
-@dataclass
-class Generation:
-    """One request in flight. Iterate it once for its text pieces."""
-
-    id: int
-    prompt_tokens: int
-    sampling: ResolvedSampling
-    index: int = 0  # which of its prompt's replies (`submit_choices`)
-    completion_tokens: int = 0  # sampled so far, by the decode loop
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    tokens_streamed: int = 0  # in the pieces yielded so far: the consumer's view, for its metrics
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens behind the last piece
-    submitted: float = field(default_factory=time.monotonic)
-    _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
-    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def cancel(self) -> None:
-        """Ask the decode loop to drop this request; it does so at its next step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, _Finished):
-                    self.finish_reason = item.reason
-                    if item.error is not None:
-                        raise item.error
-                    return
-                text, self.tokens_streamed, self.logprobs = item
-                yield text
-        finally:
-            # Reached on normal end too (then a no-op), but above all when the consumer
-            # goes away mid-stream: a closed stream must not keep burning the cores.
-            self.cancel()
-
-
-@dataclass
 class _Request:
     """A submitted generation and what the loop needs to run it."""
 
     generation: Generation
     prompt_ids: list[int]
     budget: int  # new tokens allowed: the request's limit, cut to the room left in the context
-    loop: asyncio.AbstractEventLoop
+    deliver: Deliver  # hands the consumer a piece or the end
     grammar: str | None = None  # the output schema's, compiled at submit
     siblings: list[_Request] = field(default_factory=list)  # the prompt's other replies, read with this one
     rng: torch.Generator | None = None
@@ -131,16 +83,16 @@ class _Request:
         return (self.prompt_ids + self.sampled)[:self.length]
 
     def hand_over(self, item) -> None:
-        # Wakes the consumer without polling; its event loop may be gone at shutdown.
-        try:
-            self.loop.call_soon_threadsafe(self.generation._queue.put_nowait, item)
-        except RuntimeError:
-            self.generation.cancel()
+        self.deliver(self.generation, item)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, limits: EngineSettings = EngineSettings(), torch_threads: int | None = None):
+    def __init__(self, loaded: LoadedModel, limits: EngineSettings = EngineSettings(), torch_threads: int | None = None,
+                 deliver: Deliver | None = None):
+        """`deliver(generation, item)` hands each piece and end to its consumer, from the decode
+        loop's thread; by default into the generation itself, on the event loop that submitted it."""
         self.loaded = loaded
+        self._deliver = deliver
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.limits = limits
@@ -228,13 +180,13 @@ class Engine:
                 "Shorten the conversation or ask for fewer tokens."
             )
         grammar = self.vocabulary.grammar(sampling.output_schema) if sampling.output_schema else None
-        loop = asyncio.get_running_loop()
+        deliver = self._deliver or to_event_loop(asyncio.get_running_loop())
         requests = []
         for index in range(n):
             seed = None if sampling.seed is None else (sampling.seed + index) % 2**63
             generation = Generation(id=next(self._ids), prompt_tokens=len(prompt_ids),
                                     sampling=sampling.model_copy(update={"seed": seed}), index=index)
-            requests.append(_Request(generation, prompt_ids, min(sampling.max_new_tokens, room), loop,
+            requests.append(_Request(generation, prompt_ids, min(sampling.max_new_tokens, room), deliver,
                                      grammar=grammar, length=len(prompt_ids)))
         leader = requests[0]
         leader.siblings = requests[1:]
@@ -293,7 +245,7 @@ class Engine:
                 self._last_step = time.monotonic()
         for request in [*batch.requests, *(c for p in reading for c in p.request.choices),
                         *(c for leader in self._waiting for c in leader.choices)]:
-            self._finish(request, _Finished("cancelled"))
+            self._finish(request, Finished("cancelled"))
 
     def _new_batch(self):
         return self.path.Batch(self.loaded.model, self.limits.max_running)
@@ -302,7 +254,7 @@ class Engine:
         """Ready a waiting prompt's replies and start reading it from its longest cached prefix."""
         if all(choice.generation.cancelled for choice in request.choices):  # the client left while it waited
             for choice in request.choices:
-                self._finish(choice, _Finished("cancelled"))
+                self._finish(choice, Finished("cancelled"))
             return None
         prefix = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache else None
         deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
@@ -330,7 +282,7 @@ class Engine:
             reading.remove(prompt)
             prompt.finish()
             for choice in prompt.request.choices:
-                self._finish(choice, _Finished("cancelled"))
+                self._finish(choice, Finished("cancelled"))
         budget = self.limits.prefill_chunk
         whole = []
         while reading and not reading[0].started and reading[0].remaining <= budget:
@@ -378,15 +330,15 @@ class Engine:
     def _fail(self, requests: list[_Request], exc: Exception, what: str) -> None:
         log.exception("%s of generation(s) %s failed", what, [r.generation.id for r in requests])
         for request in requests:
-            self._finish(request, _Finished("error", _failure(exc)))
+            self._finish(request, Finished("error", _failure(exc)))
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> bool:
         """Sample and stream the request's next token. Returns whether it goes on decoding."""
         generation = request.generation
         if generation.cancelled:
-            return self._finish(request, _Finished("cancelled"))
+            return self._finish(request, Finished("cancelled"))
         if time.monotonic() > request.deadline:
-            return self._finish(request, _Finished("length"))
+            return self._finish(request, Finished("length"))
         sampling = generation.sampling
         try:
             logits = adjust(logits, sampling, request.sampled)
@@ -394,7 +346,7 @@ class Engine:
                 logits = request.constraint.mask(logits)
             token_id = sample(logits, sampling, request.rng)
             if token_id in self.loaded.eos_token_ids:
-                return self._finish(request, _Finished("stop"))
+                return self._finish(request, Finished("stop"))
             if sampling.logprobs is not None:
                 request.unsent_logprobs.append(token_logprobs(logits, token_id, sampling.logprobs,
                                                               self._token_text))
@@ -402,7 +354,7 @@ class Engine:
                 request.constraint.advance(token_id)
         except Exception as exc:
             log.exception("Sampling for generation %d failed", generation.id)
-            return self._finish(request, _Finished("error", _failure(exc)))
+            return self._finish(request, Finished("error", _failure(exc)))
         generation.completion_tokens += 1
         request.sampled.append(token_id)
         text, stopped = request.stops.push(request.detokenizer.push(token_id))
@@ -412,11 +364,11 @@ class Engine:
             request.detokenizer = None  # what it still holds comes after the stop string
             if request.unsent_logprobs:
                 self._send(request, "")
-            return self._finish(request, _Finished("stop"))
+            return self._finish(request, Finished("stop"))
         if request.constraint and request.constraint.complete:
-            return self._finish(request, _Finished("stop"))
+            return self._finish(request, Finished("stop"))
         if generation.completion_tokens >= request.budget:
-            return self._finish(request, _Finished("length"))
+            return self._finish(request, Finished("length"))
         request.next_token = token_id
         return True
 
@@ -428,7 +380,7 @@ class Engine:
         request.hand_over((text, request.generation.completion_tokens, request.unsent_logprobs))
         request.unsent_logprobs = []
 
-    def _finish(self, request: _Request, finished: _Finished) -> bool:
+    def _finish(self, request: _Request, finished: Finished) -> bool:
         request.outcome = finished.reason
         if finished.reason in ("stop", "length") and request.detokenizer:
             # The text held back: by the detokenizer (half a character), by the stop strings (maybe one's start).

@@ -1,0 +1,303 @@
+"""The engine in a process of its own, beside the Serve replica that streams its replies.
+
+Why: the decode loop gives up Python's GIL around every torch op (hundreds a step) and
+must win it back after each. In a model replica the event loop streams every token
+through Ray, Python work that holds the GIL a share of the time, so a step waits on it
+again and again. Measured (`python -m bench.step`): another thread running Python 20 % of
+the time made an 8-row step 1.29x slower; in a served replica, 8-row steps took 1.33x
+their in-process time (docs/BENCHMARKS.md). vLLM keeps its engine core out of its API
+server's process for the same reason.
+
+So the replica starts `python -m backend.engine.process` and keeps only torch-free work:
+requests in, pieces out, over a socket pair (multiprocessing's Connection: pickled
+messages). The child has its own interpreter and GIL; its decode loop sends each piece
+itself, one small message.
+
+    replica (EngineProcess)              engine process (serve)
+    submit_choices / fit / stats  --ask-->    Engine
+                                  <--answer--
+    Generation.cancel             --cancel-->
+                                  <--item--   each piece and end, from the decode loop
+                                  <--status-- load and health, twice a second
+
+The child exits when the replica goes (its socket closes), however the replica ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+
+from backend import errors
+from backend.engine.generation import Finished, Generation
+from backend.engine.location import ModelLoadError
+from backend.errors import GenerationError
+from backend.protocol import ChatMessage, ResolvedSampling, ToolSpec
+from backend.settings import EngineSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 0.5
+# Refusals the engine raises at submit, rebuilt on the replica's side by name.
+_REFUSALS = {cls.__name__: cls for cls in (errors.PromptTooLongError, errors.InvalidSamplingError,
+                                           errors.EngineBusyError, ModelLoadError, ValueError)}
+
+
+class EngineProcess:
+    """The replica's side: what Textbot needs of an engine, answered by the engine process."""
+
+    def __init__(self, model: ModelSettings, limits: EngineSettings, torch_threads: int | None = None):
+        mine, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self._process = subprocess.Popen([sys.executable, "-m", "backend.engine.process", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self._conn = Connection(mine.detach())
+        self._conn.send((model, limits, torch_threads))
+        try:
+            hello = self._conn.recv()  # the model loaded, or why not
+        except EOFError:
+            raise ModelLoadError(f"The engine process exited while loading the model "
+                                 f"(exit code {self._process.wait()}); its log says why.") from None
+        if hello[0] == "failed":
+            self.shutdown()
+            raise _REFUSALS.get(hello[1], RuntimeError)(hello[2])
+        _, info = hello
+        self.name, self.context_length = info["name"], info["context_length"]
+        self.pid = self._process.pid
+        self._silence_limit_s = limits.max_stall_seconds
+        self._send_lock = threading.Lock()
+        self._asks: dict[int, tuple] = {}
+        self._ask_ids = itertools.count()
+        self._generations: dict[int, tuple[Generation, asyncio.AbstractEventLoop]] = {}
+        self._status = {"running": 0, "in_flight": 0, "problem": None, "prefix_cache": None}
+        self._status_at = time.monotonic()
+        self._gone: str | None = None
+        self._stopping = False
+        threading.Thread(target=self._read, name="engine-process-reader", daemon=True).start()
+
+    # ---- What Textbot calls -------------------------------------------------
+
+    async def submit_choices(self, prompt: list[ChatMessage] | str | list[int], sampling: ResolvedSampling,
+                             n: int, shorten: bool = True, tools: list[ToolSpec] | None = None) -> list[Generation]:
+        """As Engine.submit_choices; raises its refusals (too long, busy, invalid) the same way."""
+        loop = asyncio.get_running_loop()
+
+        def generations(started: list[tuple[int, int, int, int | None]]) -> list[Generation]:
+            # Registered here, on the reader thread, before it reads their first piece.
+            made = []
+            for generation_id, prompt_tokens, index, seed in started:
+                generation = Generation(generation_id, prompt_tokens, sampling.model_copy(update={"seed": seed}),
+                                        index, on_cancel=lambda i=generation_id: self._send(("cancel", i)))
+                self._generations[generation_id] = (generation, loop)
+                made.append(generation)
+            return made
+
+        return await self._ask(generations, "submit", prompt, sampling, n, shorten, tools)
+
+    async def fit(self, conversation: list[ChatMessage], budget: int) -> tuple[list[ChatMessage], int]:
+        """The conversation without its oldest turns until its prompt fits `budget` tokens."""
+        return await self._ask(None, "fit", conversation, budget)
+
+    async def stats(self) -> dict:
+        """Now, not as last reported: {"running", "in_flight", "prefix_cache"} (PrefixCacheStats
+        as a dict, or None without a prefix cache)."""
+        return await self._ask(None, "stats")
+
+    @property
+    def running(self) -> int:
+        return self._status["running"]
+
+    @property
+    def in_flight(self) -> int:
+        return self._status["in_flight"]
+
+    @property
+    def prefix_cache_stats(self):
+        """The last reported totals, with attributes as PrefixCacheStats has them, or None."""
+        stats = self._status["prefix_cache"]
+        return SimpleNamespace(**stats) if stats else None
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve, or None (for Serve's health check)."""
+        if self._gone:
+            return self._gone
+        silent = time.monotonic() - self._status_at
+        if silent > self._silence_limit_s:
+            return f"The engine process has sent no status for {silent:.0f} s."
+        return self._status["problem"]
+
+    def shutdown(self) -> None:
+        """Stop the engine process; everything in flight ends as cancelled."""
+        self._stopping = True
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+    # ---- The socket ---------------------------------------------------------
+
+    def _send(self, message) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except OSError:
+                pass  # the engine process is gone; the reader fails what was in flight
+
+    async def _ask(self, build, *request):
+        if self._gone:
+            raise GenerationError(self._gone)
+        ask_id = next(self._ask_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._asks[ask_id] = (future, asyncio.get_running_loop(), build)
+        self._send(("ask", ask_id, *request))
+        return await future
+
+    def _read(self) -> None:
+        """The engine's messages, handed to the event loops waiting for them."""
+        try:
+            while True:
+                message = self._conn.recv()
+                if message[0] == "item":
+                    _, generation_id, item, completion_tokens, cached_tokens = message
+                    if isinstance(item, Finished):
+                        entry = self._generations.pop(generation_id, None)
+                    else:
+                        entry = self._generations.get(generation_id)
+                    if entry:
+                        generation, loop = entry
+                        loop.call_soon_threadsafe(_deliver, generation, item, completion_tokens, cached_tokens)
+                elif message[0] == "status":
+                    self._status, self._status_at = message[1], time.monotonic()
+                elif message[0] == "answer":
+                    _, ask_id, ok, value = message
+                    future, loop, build = self._asks.pop(ask_id)
+                    if ok and build:
+                        value = build(value)
+                    elif not ok:
+                        value = _REFUSALS.get(value[0], GenerationError)(*value[1:])
+                    loop.call_soon_threadsafe(_settle, future, ok, value)
+        except (EOFError, OSError):
+            pass
+        self._gone = f"The engine process exited (exit code {self._process.wait()})."
+        if not self._stopping:
+            log.error(self._gone)
+        for generation, loop in list(self._generations.values()):
+            loop.call_soon_threadsafe(generation.put, Finished("error", GenerationError(
+                f"The model failed while generating ({self._gone})")))
+        self._generations.clear()
+        for future, loop, _ in list(self._asks.values()):
+            loop.call_soon_threadsafe(_settle, future, False, GenerationError(self._gone))
+
+
+def _deliver(generation: Generation, item, completion_tokens: int, cached_tokens: int) -> None:
+    generation.completion_tokens, generation.cached_tokens = completion_tokens, cached_tokens
+    generation.put(item)
+
+
+def _settle(future: asyncio.Future, ok: bool, value) -> None:
+    if not future.done():
+        future.set_result(value) if ok else future.set_exception(value)
+
+
+# ---- The engine process ---------------------------------------------------------
+
+
+def serve(conn: Connection) -> None:
+    """Load the model, then answer the replica until it goes."""
+    from backend.conversation import fit_to_context
+    from backend.engine.engine import Engine
+    from backend.engine.loading import load
+
+    send_lock = threading.Lock()
+
+    def send(message) -> None:
+        with send_lock:
+            conn.send(message)
+
+    model, limits, torch_threads = conn.recv()
+    try:
+        loaded = load(model)
+    except Exception as exc:  # noqa: BLE001 - the replica raises it with its message
+        send(("failed", type(exc).__name__, str(exc)))
+        return
+    generations: dict[int, Generation] = {}
+
+    def deliver(generation: Generation, item) -> None:
+        if isinstance(item, Finished):
+            generations.pop(generation.id, None)
+        try:
+            send(("item", generation.id, item, generation.completion_tokens, generation.cached_tokens))
+        except OSError:
+            os._exit(0)  # the replica is gone: nobody is listening
+
+    engine = Engine(loaded, limits, torch_threads, deliver=deliver)
+
+    def submit(prompt, sampling, n, shorten, tools):
+        started = engine.submit_choices(prompt, sampling, n, shorten, tools)
+        generations.update((g.id, g) for g in started)
+        return [(g.id, g.prompt_tokens, g.index, g.sampling.seed) for g in started]
+
+    def stats():
+        cache = engine.prefix_cache
+        return {"running": engine.running, "in_flight": engine.in_flight,
+                "prefix_cache": vars(cache.stats).copy() if cache else None}
+
+    answers = {"submit": submit, "stats": stats,
+               "fit": lambda conversation, budget: fit_to_context(conversation, engine.count_prompt_tokens, budget)}
+
+    def report() -> None:
+        while True:
+            send(("status", stats() | {"problem": engine.problem()}))
+            time.sleep(STATUS_INTERVAL_S)
+
+    send(("ready", {"name": loaded.name, "context_length": engine.context_length}))
+    threading.Thread(target=report, name="status", daemon=True).start()
+    while True:
+        message = conn.recv()
+        if message[0] == "cancel":
+            if generation := generations.get(message[1]):
+                generation.cancel()
+        elif message[0] == "ask":
+            _, ask_id, what, *args = message
+            try:
+                # Under the send lock: the answer to a submit goes out before any of its pieces.
+                with send_lock:
+                    conn.send(("answer", ask_id, True, answers[what](*args)))
+            except Exception as exc:  # noqa: BLE001 - a refusal, raised again in the replica
+                send(("answer", ask_id, False, (type(exc).__name__, str(exc), *_param(exc))))
+        elif message[0] == "stop":
+            break
+    engine.shutdown()
+
+
+def _param(exc: Exception) -> tuple:
+    return (exc.param,) if isinstance(exc, errors.InvalidSamplingError) else ()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine %(name)s -- %(message)s")
+    conn = Connection(int(sys.argv[1]))
+    try:
+        serve(conn)
+    except (EOFError, OSError):
+        pass  # the replica went away
+    # Not a normal exit: it would wait for the decode loop's thread mid-step.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
