@@ -211,7 +211,9 @@ async def run(args: argparse.Namespace) -> dict:
         results["engine"] = await measure("engine", engine_client(engine), args, count_tokens)
         engine.shutdown()
     if "transformers" in args.targets:
-        results["transformers"] = await measure("transformers", transformers_client(loaded), args, count_tokens)
+        # The tutorial's way needs transformers' own model object (its `generate`), not the engine's.
+        hugging_face = model.load(settings.model, transformers_model=True)
+        results["transformers"] = await measure("transformers", transformers_client(hugging_face), args, count_tokens)
 
     served = [t for t in args.targets if t in SERVED]
     if served:

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     source = {"source": args.model} if args.model else _deployed_model_source()
     results, reference = [], None
     for quantization, dtype in CONFIGURATIONS:
-        loaded = load(ModelSettings(**source, quantization=quantization, dtype=dtype))
+        # transformers' model object, for its forward over every position; the engine's own
+        # Llama module holds the same weights and gives the same logits (tests/test_quant.py).
+        loaded = load(ModelSettings(**source, quantization=quantization, dtype=dtype), transformers_model=True)
         ids = torch.tensor([loaded.tokenizer.encode(TEXT.read_text())[:args.tokens]])
         with torch.inference_mode():
             logits = loaded.model(input_ids=ids).logits[0, :-1].float()

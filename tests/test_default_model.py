@@ -1,5 +1,6 @@
 """The end-to-end path on the embedded default model, as deploy.yaml serves it."""
 
+import json
 import time
 
 import requests
@@ -87,6 +88,32 @@ def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_p
     assert from_cache.tokenizer.encode(prompt) == from_gguf.tokenizer.encode(prompt)
     assert from_cache.tokenizer.chat_template == from_gguf.tokenizer.chat_template
     assert (from_cache.context_length, from_cache.eos_token_ids) == (from_gguf.context_length, from_gguf.eos_token_ids)
+
+
+def test_converted_copy_loads_without_transformers_modelling_code(base_url):
+    """A restart loads the default model's converted copy into the engine's own Llama module
+    (backend/engine/llama.py) and its tokenizer directly: transformers' modelling code, whose
+    import was 1.3 s of each engine process's start, stays unimported."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, app_config, load_deploy_config
+
+    settings = json.dumps(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    script = f"""
+import sys
+from backend.engine.loading import load
+from backend.engine.llama import LlamaForCausalLM
+from backend.settings import ModelSettings
+loaded = load(ModelSettings.model_validate_json({settings!r}))
+assert isinstance(loaded.model, LlamaForCausalLM), type(loaded.model)
+heavy = [name for name in ("transformers.modeling_utils", "torch._dynamo", "fastapi") if name in sys.modules]
+assert not heavy, heavy
+print("ok")
+"""
+    # The session's stack has loaded the default model already, so its converted copy exists.
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_float_weights_reply_the_same_with_the_prefix_cache_on_and_off():

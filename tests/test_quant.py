@@ -77,3 +77,31 @@ def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
         after = batch.step()[0]
         torch.testing.assert_close(after, model(input_ids=torch.tensor([short + [3, 4]])).logits[0, -1],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_engine_llama_module_gives_hugging_face_logits(tiny_models):
+    """backend/engine/llama.py, the module a converted copy loads into, is Llama as transformers
+    computes it: same state dict names, same logits (both through the slot path and against
+    transformers' own forward)."""
+    import safetensors.torch
+    from transformers import LlamaForCausalLM
+
+    from backend.engine import llama
+
+    folder = tiny_models["tiny-chat"]
+    reference = LlamaForCausalLM.from_pretrained(folder).eval()
+    config = llama.read_config(folder)
+    assert llama.supports(config)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    assert not llama.supports(config | {"rope_parameters": yarn})
+    assert not llama.supports(config | {"rope_scaling": yarn})
+    own = llama.empty_model(folder, config, torch.float32)
+    assert own.state_dict().keys() == reference.state_dict().keys()
+    own.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"), assign=True)
+    assert own.generation_config.eos_token_id == reference.generation_config.eos_token_id
+    ids = list(range(5, 40))
+    with torch.inference_mode():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0, -1]
+        for model in (own, reference):
+            logits = slots.forward(model, slots.KV(model, 1), torch.tensor([ids]), torch.arange(len(ids))[None])
+            torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,7 @@ class Vocabulary:
         self._args = (tokenizer, vocab_size, sorted(eos_token_ids))
         self._built: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        self.started = False  # by build_soon
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -46,9 +47,13 @@ class Vocabulary:
             return self._built
 
     def build_soon(self) -> None:
-        """Build it on a thread of its own now, so the first request with a schema or
-        log-probabilities does not stall its replica's event loop for the build (0.35 s on a
-        quiet machine, 1.5 s on a loaded one)."""
+        """Build it on a thread of its own now (once), so the first request with a schema or
+        log-probabilities does not wait for the build (0.35 s on a quiet machine, 1.5 s on a
+        loaded one). The engine calls this when it is idle: the build holds the GIL."""
+        if self.started:
+            return
+        self.started = True
+
         def build():
             try:
                 self.tokenizer

@@ -86,6 +86,10 @@ class _Request:
         self.deliver(self.generation, item)
 
 
+# How long the engine waits idle before building the grammar's vocabulary.
+_IDLE_BEFORE_VOCABULARY_S = 1.0
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, limits: EngineSettings = EngineSettings(), torch_threads: int | None = None,
                  deliver: Deliver | None = None):
@@ -103,7 +107,6 @@ class Engine:
         self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
                              if self.path is slots and limits.prefix_cache_mb else None)
         self.vocabulary = Vocabulary(loaded.tokenizer, self.vocab_size, list(loaded.eos_token_ids))
-        self.vocabulary.build_soon()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
@@ -218,7 +221,11 @@ class Engine:
         while True:
             with self._work:
                 while not (self._waiting or reading or batch.requests or self._stopped):
-                    self._work.wait()
+                    # Idle a moment: time to build the grammar's vocabulary, which holds the GIL
+                    # for 0.35-1.5 s. Built at start, it slowed the first reply after a restart
+                    # by 0.37 s (485 against 115 ms to its first token).
+                    if not self._work.wait(None if self.vocabulary.started else _IDLE_BEFORE_VOCABULARY_S):
+                        self.vocabulary.build_soon()
                     self._last_step = time.monotonic()
                 if self._stopped:
                     break

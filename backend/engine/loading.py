@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -10,13 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import accelerate
 import safetensors.torch
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from backend.engine.gguf_blocks import int4_weights
+from backend.engine import llama
 from backend.engine.location import ModelLoadError, ModelLocation, locate
 from backend.engine.quant import quantize_model
 from backend.settings import ModelSettings
@@ -33,22 +32,27 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
 
 
-def load(settings: ModelSettings) -> LoadedModel:
+def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedModel:
     """The model as the engine runs it: quantised as `model.quantization` says. A GGUF model's
-    converted form is cached on disk, so only its first start pays for the conversion."""
+    converted form is cached on disk, so only its first start pays for the conversion, and
+    a Llama model's copy loads into the engine's own modules (`llama.py`: no import of
+    transformers' modelling code). `transformers_model`: a transformers model object
+    instead (for `generate`, as the benchmark's baseline calls it)."""
     location = locate(settings)
     started = time.monotonic()
     cache = _converted_cache(settings, location)
     try:
         if cache and (cache / _COMPLETE).is_file():
             log.info("Loading model %s from its converted copy in %s", settings.served_name, cache)
-            tokenizer, model = _load_converted(cache, settings)
+            tokenizer, model = _load_converted(cache, settings, transformers_model)
         else:
             log.info("Loading model %s from %s%s", settings.served_name, location,
                      " (converting a GGUF file takes a while; later starts use a cache)" if cache else "")
             tokenizer, model = _load_source(location, settings)
-            if cache:
-                _save_converted(model, tokenizer, cache)
+            if cache and _save_converted(model, tokenizer, cache) and not transformers_model:
+                # Run what later starts will load, from the first start on.
+                del model
+                tokenizer, model = _load_converted(cache, settings)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load model {settings.source!r}: {exc}") from exc
     log.info("Loaded %s (%s weights, %s activations) in %.1f s", settings.served_name,
@@ -65,6 +69,10 @@ def load(settings: ModelSettings) -> LoadedModel:
 
 
 def _load_source(location: ModelLocation, settings: ModelSettings):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backend.engine.gguf_blocks import int4_weights
+
     kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, settings.dtype), **kwargs)
@@ -75,13 +83,20 @@ def _load_source(location: ModelLocation, settings: ModelSettings):
     return tokenizer, model.eval()
 
 
-def _load_converted(cache: Path, settings: ModelSettings):
+def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bool = False):
     """The cached model as it was saved: quantised layers are built empty and take the saved
     tensors as they are (no conversion, no random initialisation of weights to overwrite)."""
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    with accelerate.init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache),
-                                                 dtype=getattr(torch, settings.dtype))
+    tokenizer = _load_tokenizer(cache)
+    dtype = getattr(torch, settings.dtype)
+    if llama.supports(config := llama.read_config(cache)) and not transformers_model:
+        model = llama.empty_model(cache, config, dtype)
+    else:
+        import accelerate
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        with accelerate.init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache), dtype=dtype)
+        model.generation_config = GenerationConfig.from_pretrained(cache)
     quantize_model(model, settings.quantization, empty=True)
     state = safetensors.torch.load_file(cache / _WEIGHTS)
     # An unquantised output layer tied to the embedding shares its tensor, saved once.
@@ -95,8 +110,20 @@ def _load_converted(cache: Path, settings: ModelSettings):
         model.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"the converted copy in {cache} does not fit the model; delete that folder ({exc})") from exc
-    model.generation_config = GenerationConfig.from_pretrained(cache)
     return tokenizer, model.eval()
+
+
+def _load_tokenizer(folder: Path):
+    """The tokenizer we saved with a converted copy: its tokenizer.json as a fast tokenizer.
+    Directly, not through AutoTokenizer, whose class lookup alone took 1.4 s of a start
+    (it imports transformers' modelling machinery)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = folder / "tokenizer_config.json"
+    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 class VocabProjection(torch.nn.Module):
@@ -137,9 +164,9 @@ def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path |
     return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.quantization}-{settings.dtype}-{digest}"
 
 
-def _save_converted(model, tokenizer, cache: Path) -> None:
+def _save_converted(model, tokenizer, cache: Path) -> bool:
     """Write the converted model next to its final place, then move it there in one step,
-    so a replica that starts meanwhile never reads half a cache."""
+    so a replica that starts meanwhile never reads half a cache. Whether it is there now."""
     started = time.monotonic()
     staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
@@ -156,6 +183,7 @@ def _save_converted(model, tokenizer, cache: Path) -> None:
     except OSError as exc:  # another replica got there first, or the disk is read-only: serve anyway
         log.warning("Could not cache the converted model in %s (%s)", cache, exc)
         shutil.rmtree(staging, ignore_errors=True)
+    return (cache / _COMPLETE).is_file()
 
 
 def _context_length(config) -> int:

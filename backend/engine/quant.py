@@ -197,7 +197,7 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
         fused.packed = torch.cat([layer.packed for layer in layers])
         fused.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
         return fused
-    if all(type(layer) is torch.nn.Linear for layer in layers):
+    if all(isinstance(layer, torch.nn.Linear) for layer in layers):
         fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False)
         fused.weight = torch.nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
         return fused
