@@ -92,6 +92,11 @@ class EngineSettings(_Strict):
         "conversation's next turn reads only its new tokens (least recently used go first; 0 turns it off). "
         "Llama-architecture models only."
     )
+    stream_interval_ms: float = Field(
+        0.0, ge=0, le=1000, description="Least time between two pieces of one reply: tokens sampled meanwhile "
+        "go out together, so the proxy and the ingress handle fewer, longer pieces. 0 streams every token "
+        "as it comes. The first piece is never held."
+    )
     max_stall_seconds: float = Field(
         60.0, gt=0, description="A replica whose decode loop finishes no step for this long, with requests "
         "in flight, fails its health check and Serve replaces it."

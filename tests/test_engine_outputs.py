@@ -144,3 +144,35 @@ def test_plain_text_and_token_id_prompts(engine):
     with pytest.raises(InvalidSamplingError, match="outside the vocabulary") as refused:
         asyncio.run(submit())
     assert refused.value.param == "prompt"
+
+
+def test_a_stream_interval_joins_tokens_into_fewer_pieces_and_loses_none(tiny_models):
+    """`stream_interval_ms`: tokens sampled within the interval go out as one piece. The reply's
+    text, log-probabilities and token count are those of token-by-token streaming; only the
+    number of pieces drops, and the first piece is never held."""
+    from backend.settings import EngineSettings
+
+    loaded = model.load(ModelSettings(source=str(tiny_models["tiny-chat"])))
+    sampling = GREEDY.model_copy(update={"max_new_tokens": 40, "logprobs": 1})
+
+    async def pieces(engine) -> tuple[list[str], list, int]:
+        generation = engine.submit(HELLO, sampling)
+        got, logprobs = [], []
+        async for piece in generation:
+            got.append(piece)
+            logprobs += generation.logprobs
+        return got, logprobs, generation.completion_tokens
+
+    results = []
+    for interval_ms in (0, 1000):  # every token; a piece a second at most
+        engine = Engine(loaded, EngineSettings(stream_interval_ms=interval_ms))
+        try:
+            results.append(asyncio.run(pieces(engine)))
+        finally:
+            engine.shutdown()
+    (each, each_logprobs, tokens), (joined, joined_logprobs, joined_tokens) = results
+    assert tokens == joined_tokens == 40
+    assert "".join(joined) == "".join(each) and len(each) >= 20
+    assert joined_logprobs == each_logprobs and len(joined_logprobs) == 40
+    # The first piece at once; the rest in one or two (the reply takes about a second at most).
+    assert joined[0] == each[0] and len(joined) <= 3

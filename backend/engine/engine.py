@@ -65,6 +65,8 @@ class _Request:
     constraint: Constraint | None = None
     stops: StopStrings | None = None
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is held back
+    unsent_text: str = ""  # decoded, waiting for the stream interval to pass
+    last_sent: float = 0.0  # when the last piece went out (monotonic)
     deadline: float = float("inf")
     running: bool = False  # admitted to the batch
     length: int = 0  # tokens of this request in the KV cache (its prompt's, once read)
@@ -369,8 +371,6 @@ class Engine:
             self._send(request, text)
         if stopped:
             request.detokenizer = None  # what it still holds comes after the stop string
-            if request.unsent_logprobs:
-                self._send(request, "")
             return self._finish(request, Finished("stop"))
         if request.constraint and request.constraint.complete:
             return self._finish(request, Finished("stop"))
@@ -383,18 +383,25 @@ class Engine:
         raw = self.vocabulary.token_bytes(token_id)
         return raw.decode("utf-8", errors="replace"), raw
 
-    def _send(self, request: _Request, text: str) -> None:
-        request.hand_over((text, request.generation.completion_tokens, request.unsent_logprobs))
-        request.unsent_logprobs = []
+    def _send(self, request: _Request, text: str, now: bool = False) -> None:
+        """Stream `text`, joined with what waits, once `stream_interval_ms` has passed since the
+        reply's last piece (or `now`). Every piece costs Serve's proxy and the ingress the same
+        CPU whatever its length: at 8 streams on 2 cores, about 3.6 ms a piece in all."""
+        request.unsent_text += text
+        sent_at = time.monotonic()
+        if now or (sent_at - request.last_sent) * 1000 >= self.limits.stream_interval_ms:
+            request.hand_over((request.unsent_text, request.generation.completion_tokens, request.unsent_logprobs))
+            request.unsent_text, request.unsent_logprobs, request.last_sent = "", [], sent_at
 
     def _finish(self, request: _Request, finished: Finished) -> bool:
         request.outcome = finished.reason
         if finished.reason in ("stop", "length") and request.detokenizer:
             # The text held back: by the detokenizer (half a character), by the stop strings (maybe one's start).
             tail, stopped = request.stops.push(request.detokenizer.flush())
-            tail += "" if stopped else request.stops.flush()
-            if tail or request.unsent_logprobs:
-                self._send(request, tail)
+            request.unsent_text += tail + ("" if stopped else request.stops.flush())
+        # What the stream interval held goes out before the end (an error's too).
+        if request.unsent_text or (request.unsent_logprobs and finished.reason in ("stop", "length")):
+            self._send(request, "", now=True)
         with self._lock:
             self._pending -= 1
             self._running -= request.running

@@ -179,7 +179,7 @@ class EngineProcess:
                         entry = self._generations.get(generation_id)
                     if entry:
                         generation, loop = entry
-                        loop.call_soon_threadsafe(_deliver, generation, item, completion_tokens, cached_tokens)
+                        _call_soon(loop, _deliver, generation, item, completion_tokens, cached_tokens)
                 elif message[0] == "status":
                     self._status, self._status_at = message[1], time.monotonic()
                 elif message[0] == "answer":
@@ -189,18 +189,27 @@ class EngineProcess:
                         value = build(value)
                     elif not ok:
                         value = _REFUSALS.get(value[0], GenerationError)(*value[1:])
-                    loop.call_soon_threadsafe(_settle, future, ok, value)
+                    _call_soon(loop, _settle, future, ok, value)
         except (EOFError, OSError):
             pass
         self._gone = f"The engine process exited (exit code {self._process.wait()})."
         if not self._stopping:
             log.error(self._gone)
         for generation, loop in list(self._generations.values()):
-            loop.call_soon_threadsafe(generation.put, Finished("error", GenerationError(
+            _call_soon(loop, generation.put, Finished("error", GenerationError(
                 f"The model failed while generating ({self._gone})")))
         self._generations.clear()
         for future, loop, _ in list(self._asks.values()):
-            loop.call_soon_threadsafe(_settle, future, False, GenerationError(self._gone))
+            _call_soon(loop, _settle, future, False, GenerationError(self._gone))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run `callback` on `loop`, from the reader thread; nothing if the loop has closed
+    (the replica is shutting down): the reader must go on reading until the socket ends."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _deliver(generation: Generation, item, completion_tokens: int, cached_tokens: int) -> None:
