@@ -90,6 +90,26 @@ def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_p
     assert (from_cache.context_length, from_cache.eos_token_ids) == (from_gguf.context_length, from_gguf.eos_token_ids)
 
 
+def test_converted_copy_is_found_by_content_not_path(tmp_path):
+    """Another install of the same GGUF file (a new virtualenv: another path, another mtime)
+    finds the converted copy the first one made; another file does not."""
+    import os
+    import shutil
+
+    from backend.engine.loading import _fingerprint
+
+    first = tmp_path / "a" / "model.gguf"
+    first.parent.mkdir()
+    first.write_bytes(os.urandom(3 << 20))
+    copy = tmp_path / "b" / "model.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(first, copy)
+    os.utime(copy, (1, 1))
+    other = tmp_path / "c.gguf"
+    other.write_bytes(os.urandom(3 << 20))
+    assert _fingerprint(copy) == _fingerprint(first) != _fingerprint(other)
+
+
 def test_converted_copy_loads_without_transformers_modelling_code(base_url):
     """A restart loads the default model's converted copy into the engine's own Llama module
     (backend/engine/llama.py) and its tokenizer directly: transformers' modelling code, whose

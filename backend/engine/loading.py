@@ -156,12 +156,25 @@ def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path |
     if not (settings.cache_dir and location.gguf_file):
         return None
     gguf = Path(location.path, location.gguf_file).resolve()
-    stat = gguf.stat()
     # torch's version too: the int4 kernel's packed layout is its own.
-    key = (f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{settings.dtype}|{settings.quantization}|"
+    key = (f"{_fingerprint(gguf)}|{settings.dtype}|{settings.quantization}|"
            f"{transformers.__version__}|{torch.__version__}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.quantization}-{settings.dtype}-{digest}"
+
+
+def _fingerprint(path: Path, slices: int = 16, slice_bytes: int = 1 << 16) -> str:
+    """What the file holds, cheaply: its size and a hash of `slices` slices spread over it.
+    Not its path and modification time, which every new virtualenv's install of the same
+    package changes: each left a converted copy of its own behind (28 copies, 10 GB, on
+    the machine this was written on) and paid for a conversion at its first start."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as file:
+        for i in range(slices):
+            file.seek(max(0, size - slice_bytes) * i // max(1, slices - 1))
+            digest.update(file.read(slice_bytes))
+    return digest.hexdigest()
 
 
 def _save_converted(model, tokenizer, cache: Path) -> bool:
