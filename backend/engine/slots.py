@@ -100,15 +100,19 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     rows, width = tokens.shape
     length = int(positions.max()) + 1
     kv.make_room(length)
-    cos, sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
+    cos, signed_sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
     # A query sees the cached columns at or before its own position.
     visible = (torch.arange(length) <= positions[..., None])[:, None]  # [rows, 1, t, length]
     row_index = torch.arange(rows)[:, None]
     hidden = llama.embed_tokens(tokens)
     for layer, keys, values in zip(layers, kv.keys, kv.values):
-        q, k, v = layer.qkv(layer.norm(hidden, layer.input_norm)).split(layer.qkv_sizes, dim=-1)
-        q, k, v = (t.view(rows, width, -1, layer.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        heads = layer.qkv(layer.norm(hidden, layer.input_norm))
+        heads = heads.view(rows, width, -1, layer.head_dim).transpose(1, 2)  # q, k and v heads in a row
+        # Rotary position, on q's and k's heads at once: x cos + rotate_half(x) sin, where
+        # rotate_half(x) sin = roll(x, half) * (-sin | sin) (the sign is folded into the table).
+        qk = heads[:, :layer.rotated_heads]
+        qk = qk * cos + qk.roll(layer.head_dim // 2, dims=-1) * signed_sin
+        q, k, v = qk[:, :layer.query_heads], qk[:, layer.query_heads:], heads[:, layer.rotated_heads:]
         # keys[row, :, position] = k[row, :, i] for each row and its i-th position
         keys[row_index, :, positions] = k.transpose(1, 2)
         values[row_index, :, positions] = v.transpose(1, 2)
@@ -126,7 +130,6 @@ class _Layer:
     """A decoder layer's parts as `forward` calls them: q, k and v in one matmul, gate and up in another."""
 
     qkv: torch.nn.Module
-    qkv_sizes: list[int]
     o_proj: torch.nn.Module
     gate_up: torch.nn.Module
     down_proj: torch.nn.Module
@@ -134,6 +137,8 @@ class _Layer:
     post_norm: torch.nn.Module
     head_dim: int
     scale: float
+    query_heads: int
+    rotated_heads: int  # query and key heads, which come first in qkv's output
 
     @staticmethod
     def norm(x: torch.Tensor, rms: torch.nn.Module) -> torch.Tensor:
@@ -153,8 +158,10 @@ def _fuse_layer(layer: torch.nn.Module) -> _Layer:
     projections = [attention.q_proj, attention.k_proj, attention.v_proj]
     qkv = fuse(projections) or _Side(projections)
     gate_up = fuse([mlp.gate_proj, mlp.up_proj]) or _Side([mlp.gate_proj, mlp.up_proj])
-    return _Layer(qkv, [p.out_features for p in projections], attention.o_proj, gate_up, mlp.down_proj,
-                  layer.input_layernorm, layer.post_attention_layernorm, attention.head_dim, attention.scaling)
+    query_heads, key_heads = (p.out_features // attention.head_dim for p in projections[:2])
+    return _Layer(qkv, attention.o_proj, gate_up, mlp.down_proj,
+                  layer.input_layernorm, layer.post_attention_layernorm, attention.head_dim, attention.scaling,
+                  query_heads, query_heads + key_heads)
 
 
 class _Side(torch.nn.Module):
@@ -170,22 +177,19 @@ class _Side(torch.nn.Module):
 
 def _rotary_tables(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for every position of the context, [positions, head_dim], computed once
-    by the model's own rotary embedding (so its scaling variants hold)."""
+    by the model's own rotary embedding (so its scaling variants hold); sin's first half
+    negated, for `forward`'s roll (the same products, bit for bit, as rotate_half's)."""
     if (tables := getattr(model, "_textbot_rotary", None)) is None:
         llama = model.model
         positions = torch.arange(model.config.max_position_embeddings)[None]
-        cos, sin = llama.rotary_emb(llama.embed_tokens.weight[:1], positions)
-        tables = model._textbot_rotary = (cos[0], sin[0])
+        cos, sin = (table[0] for table in llama.rotary_emb(llama.embed_tokens.weight[:1], positions))
+        half = sin.shape[-1] // 2
+        tables = model._textbot_rotary = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
     return tables
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass
