@@ -139,7 +139,7 @@ def markdown(run: dict) -> str:
         lines.append(f"| {name} ({run['checkouts'][name]}) | {', '.join(str(r['first_byte_s']) for r in rounds)} | "
                      f"{statistics.median(r['first_byte_s'] for r in rounds):.2f} | "
                      + " | ".join(f"{m:.2f}" for m in medians)
-                     + f" | {statistics.median(ttfts) if ttfts else '-'} |")
+                     + f" | {f'{statistics.median(ttfts):.0f}' if ttfts else '-'} |")
     return "\n".join(lines) + "\n"
 
 
