@@ -49,8 +49,10 @@ def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedMod
             log.info("Loading model %s from %s%s", settings.served_name, location,
                      " (converting a GGUF file takes a while; later starts use a cache)" if cache else "")
             tokenizer, model = _load_source(location, settings)
-            if cache and _save_converted(model, tokenizer, cache) and not transformers_model:
-                # Run what later starts will load, from the first start on.
+            if (cache and _save_converted(model, tokenizer, cache) and not transformers_model
+                    and llama.supports(llama.read_config(cache))):
+                # Run the engine's own modules, as later starts will, from the first start on
+                # (other architectures load as transformers' model either way: kept as it is).
                 del model
                 tokenizer, model = _load_converted(cache, settings)
     except (OSError, ValueError) as exc:
