@@ -27,8 +27,9 @@ import torch
 from bench.report import write_side_study
 
 ROOT = Path(__file__).resolve().parent.parent
+# A decode step's attention is two batched matmuls and a softmax (slots._decode_attention).
 OPERATORS = {"aten::_weight_int4pack_mm_for_cpu": "int4 matmuls",
-             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (SDPA)"}
+             "aten::baddbmm": "attention", "aten::bmm": "attention", "aten::_softmax": "attention"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -37,18 +37,23 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 class KV:
-    """Keys and values of `rows` sequences, each layer one tensor with room to grow."""
+    """Keys and values of `rows` sequences, each layer one tensor with room to grow.
+
+    Keys are held transposed, [rows, kv_heads, head_dim, capacity], values as they come,
+    [rows, kv_heads, capacity, head_dim]: a decode step's attention is then two batched
+    matmuls that each read one row's positions as contiguous runs (q·Kᵀ over [head_dim,
+    positions], p·V over [positions, head_dim]). Measured, 8 rows, 30 layers: attention alone
+    0.72-0.75x SDPA's time at 230 positions (SDPA's q·Kᵀ on untransposed keys is its slow
+    part); a whole decode step 0.98x at 200 positions, 0.92-0.95x at 400."""
 
     def __init__(self, model: torch.nn.Module, rows: int, capacity: int = 256):
         config = model.config
-        self.shape = (rows, config.num_key_value_heads, capacity, _head_dim(config))
+        self.rows, self.capacity = rows, capacity
+        self.kv_heads, self.head_dim = config.num_key_value_heads, _head_dim(config)
         self.dtype = model.get_input_embeddings().weight.dtype
-        self.keys = [torch.zeros(self.shape, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(self.shape, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
-
-    @property
-    def capacity(self) -> int:
-        return self.shape[2]
+        layers = range(config.num_hidden_layers)
+        self.keys = [torch.zeros(rows, self.kv_heads, self.head_dim, capacity, dtype=self.dtype) for _ in layers]
+        self.values = [torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype) for _ in layers]
 
     def make_room(self, columns: int) -> None:
         """Grow (doubling) until `columns` columns fit; the old contents are kept."""
@@ -57,38 +62,45 @@ class KV:
         capacity = self.capacity
         while capacity < columns:
             capacity *= 2
-        self.shape = (*self.shape[:2], capacity, self.shape[3])
-        grow = lambda t: F.pad(t, (0, 0, 0, capacity - t.shape[2]))  # noqa: E731
-        self.keys, self.values = list(map(grow, self.keys)), list(map(grow, self.values))
+        more = capacity - self.capacity
+        self.keys = [F.pad(k, (0, more)) for k in self.keys]
+        self.values = [F.pad(v, (0, 0, 0, more)) for v in self.values]
+        self.capacity = capacity
 
     def copy_row(self, source: KV, source_row: int, row: int, length: int) -> None:
         self.make_room(length)
-        for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
-            for layer, other in zip(mine, theirs):
-                layer[row, :, :length] = other[source_row, :, :length]
+        for mine, theirs in zip(self.keys, source.keys):
+            mine[row, ..., :length] = theirs[source_row, ..., :length]
+        for mine, theirs in zip(self.values, source.values):
+            mine[row, :, :length] = theirs[source_row, :, :length]
 
     def copy_prefix(self, hit: Hit, row: int) -> None:
         """A cached prefix's keys and values into `row`'s first columns."""
         self.make_room(hit.length)
-        for mine, theirs in ((self.keys, hit.entry.keys), (self.values, hit.entry.values)):
-            for layer, cached in zip(mine, theirs):
-                layer[row, :, :hit.length] = cached[:, :hit.length]
+        for mine, cached in zip(self.keys, hit.entry.keys):
+            mine[row, ..., :hit.length] = cached[:, :hit.length].transpose(-1, -2)
+        for mine, cached in zip(self.values, hit.entry.values):
+            mine[row, :, :hit.length] = cached[:, :hit.length]
 
     def columns(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Views of `row`'s first `length` keys and values, [kv_heads, length, head_dim] per layer."""
-        return [k[row, :, :length] for k in self.keys], [v[row, :, :length] for v in self.values]
+        """Views of `row`'s first `length` keys and values, [kv_heads, length, head_dim] per layer
+        (the prefix cache's form)."""
+        return ([k[row, ..., :length].transpose(-1, -2) for k in self.keys],
+                [v[row, :, :length] for v in self.values])
 
     def take(self, rows: torch.Tensor) -> KV:
         """A new KV of the given rows (repeats allowed), in that order."""
         taken = copy.copy(self)
         taken.keys, taken.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
-        taken.shape = (len(rows), *self.shape[1:])
+        taken.rows = len(rows)
         return taken
 
     def move_rows(self, rows: torch.Tensor, length: int) -> None:
         """Rows `rows` become rows 0..len(rows)-1 (the first `length` columns)."""
-        for layer in (*self.keys, *self.values):
-            layer[:len(rows), :, :length] = layer[rows, :, :length]
+        for k in self.keys:
+            k[:len(rows), ..., :length] = k[rows, ..., :length]
+        for v in self.values:
+            v[:len(rows), :, :length] = v[rows, :, :length]
 
 
 def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: torch.Tensor,
@@ -103,6 +115,7 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     cos, signed_sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
     # A query sees the cached columns at or before its own position.
     visible = (torch.arange(length) <= positions[..., None])[:, None]  # [rows, 1, t, length]
+    attend = _decode_attention(visible, kv.kv_heads) if width == 1 else _prompt_attention(visible)
     row_index = torch.arange(rows)[:, None]
     hidden = llama.embed_tokens(tokens)
     for layer, keys, values in zip(layers, kv.keys, kv.values):
@@ -113,16 +126,44 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
         qk = heads[:, :layer.rotated_heads]
         qk = qk * cos + qk.roll(layer.head_dim // 2, dims=-1) * signed_sin
         q, k, v = qk[:, :layer.query_heads], qk[:, layer.query_heads:], heads[:, layer.rotated_heads:]
-        # keys[row, :, position] = k[row, :, i] for each row and its i-th position
-        keys[row_index, :, positions] = k.transpose(1, 2)
+        # keys[row, :, :, position] = k[row, :, i] and values[row, :, position] = v[row, :, i]
+        # for each row and its i-th position
+        keys[row_index, :, :, positions] = k.transpose(1, 2)
         values[row_index, :, positions] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys[:rows, :, :length], values[:rows, :, :length],
-                                             attn_mask=visible, scale=layer.scale, enable_gqa=True)
-        hidden = hidden + layer.o_proj(out.transpose(1, 2).reshape(rows, width, -1))
+        out = attend(q, keys[:rows, ..., :length], values[:rows, :, :length], layer.scale)
+        hidden = hidden + layer.o_proj(out.reshape(rows, width, -1))
         gate, up = layer.gate_up(layer.norm(hidden, layer.post_norm)).chunk(2, dim=-1)
         hidden = hidden + layer.down_proj(F.silu(gate) * up)
     hidden = hidden[:, -1] if last is None else hidden[torch.arange(rows), last]
     return model.lm_head(F.rms_norm(hidden, hidden.shape[-1:], llama.norm.weight, llama.norm.variance_epsilon))
+
+
+def _decode_attention(visible: torch.Tensor, kv_heads: int):
+    """Attention for one query per row: q [rows, heads, 1, head_dim] against transposed keys
+    [rows, kv_heads, head_dim, length] and values [rows, kv_heads, length, head_dim], as two
+    batched matmuls with each key head's query heads side by side (grouped-query attention
+    without repeating the keys). Returns [rows, 1, heads, head_dim]."""
+    rows, length = visible.shape[0], visible.shape[-1]
+    # The mask as a bias added to the scores: the same for every layer, so built once a step.
+    bias = torch.zeros(rows, kv_heads, 1, length).masked_fill_(~visible, float("-inf"))
+
+    def attend(q, keys, values, scale):
+        heads = q.shape[1]
+        q = q.reshape(rows * kv_heads, heads // kv_heads, -1)
+        scores = torch.baddbmm(bias.view(rows * kv_heads, 1, length), q, keys.flatten(0, 1), alpha=scale)
+        out = torch.bmm(scores.softmax(-1), values.flatten(0, 1))
+        return out.view(rows, 1, heads, -1)
+    return attend
+
+
+def _prompt_attention(visible: torch.Tensor):
+    """Attention for several queries per row (prompts): SDPA, over the keys as [length, head_dim]
+    views. Returns [rows, t, heads, head_dim]."""
+    def attend(q, keys, values, scale):
+        out = F.scaled_dot_product_attention(q, keys.transpose(-1, -2).contiguous(), values, attn_mask=visible,
+                                             scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+    return attend
 
 
 @dataclass
@@ -295,7 +336,7 @@ class Batch:
     def add(self, rows: Rows) -> None:
         for i, request in enumerate(rows.requests):
             request.length = len(request.prompt_ids)
-            if len(self.requests) == self.kv.shape[0]:
+            if len(self.requests) == self.kv.rows:
                 raise RuntimeError("more running requests than KV rows")
             self.kv.copy_row(rows.kv, i, len(self.requests), request.length)
             self.requests.append(request)
