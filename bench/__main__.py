@@ -89,8 +89,11 @@ def served_stack(args: argparse.Namespace, skipped: dict):
     print("No stack answers at", api, "- starting `serve run deploy.yaml`", flush=True)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     serve = Path(sys.executable).with_name("serve")
+    # SIGINT back to its default in the child: a shell's background job (`python -m bench &` in a
+    # script) starts with SIGINT ignored, and `serve run` would then never see the stop below.
     process = subprocess.Popen([str(serve), "run", str(ROOT / "deploy.yaml")], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not healthy(api) and process.poll() is None and time.monotonic() < deadline:
