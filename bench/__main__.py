@@ -79,6 +79,26 @@ def healthy(url: str) -> bool:
         return False
 
 
+# After its first request, an idle engine builds the grammar's vocabulary, holding its GIL
+# for up to 1.5 s (measured): the first measured requests must not meet that.
+_SETTLE_S = 3.0
+
+
+def settle(args: argparse.Namespace, api: str, deadline: float) -> None:
+    """A stack just started is healthy before it has settled: the chat page's replica may
+    still be starting (importing Gradio takes seconds of CPU) and the engine has yet to
+    build the grammar's vocabulary. Wait for the page, send one reply, give the engine time."""
+    page = args.url.rstrip("/") + "/" + args.page_path.strip("/")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(page.rstrip("/") + "/config", timeout=5).status_code == 200:
+                break
+        time.sleep(1)
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{api}/", params={"prompt": "Hi", "max_new_tokens": 4}, timeout=60).read()
+    time.sleep(_SETTLE_S)
+
+
 @contextlib.contextmanager
 def served_stack(args: argparse.Namespace, skipped: dict):
     """Use the stack at --url, or run `serve run deploy.yaml` for the length of the benchmark."""
@@ -101,6 +121,8 @@ def served_stack(args: argparse.Namespace, skipped: dict):
         if not (up := healthy(api)):
             for target in SERVED:
                 skipped[target] = "the stack did not become healthy within 300 s"
+        else:
+            settle(args, api, deadline)
         yield up
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run stops Ray on SIGINT
