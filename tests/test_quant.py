@@ -79,6 +79,25 @@ def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_slot_path_decodes_with_bfloat16_activations(tiny_models, quantization):
+    """`model.dtype: bfloat16`: the decode step's attention (its mask included) runs in the
+    model's dtype, and its logits stay near transformers' forward in that dtype."""
+    model = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization=quantization,
+                               dtype="bfloat16")).model
+
+    class Request:
+        prompt_ids, next_token = list(range(5, 40)), 3
+
+    with torch.inference_mode():
+        batch = slots.Batch(model, rows=2)
+        batch.add(slots.read_whole(model, [slots.PromptReader(model, Request())]))
+        stepped = batch.step()[0]
+        expected = model(input_ids=torch.tensor([Request.prompt_ids + [3]])).logits[0, -1]
+    assert stepped.dtype == torch.bfloat16
+    torch.testing.assert_close(stepped.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
 def test_engine_llama_module_gives_hugging_face_logits(tiny_models):
     """backend/engine/llama.py, the module a converted copy loads into, is Llama as transformers
     computes it: same state dict names, same logits (both through the slot path and against

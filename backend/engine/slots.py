@@ -115,7 +115,7 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     cos, signed_sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
     # A query sees the cached columns at or before its own position.
     visible = (torch.arange(length) <= positions[..., None])[:, None]  # [rows, 1, t, length]
-    attend = _decode_attention(visible, kv.kv_heads) if width == 1 else _prompt_attention(visible)
+    attend = _decode_attention(visible, kv.kv_heads, kv.dtype) if width == 1 else _prompt_attention(visible)
     row_index = torch.arange(rows)[:, None]
     hidden = llama.embed_tokens(tokens)
     for layer, keys, values in zip(layers, kv.keys, kv.values):
@@ -138,14 +138,14 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     return model.lm_head(F.rms_norm(hidden, hidden.shape[-1:], llama.norm.weight, llama.norm.variance_epsilon))
 
 
-def _decode_attention(visible: torch.Tensor, kv_heads: int):
+def _decode_attention(visible: torch.Tensor, kv_heads: int, dtype: torch.dtype):
     """Attention for one query per row: q [rows, heads, 1, head_dim] against transposed keys
     [rows, kv_heads, head_dim, length] and values [rows, kv_heads, length, head_dim], as two
     batched matmuls with each key head's query heads side by side (grouped-query attention
     without repeating the keys). Returns [rows, 1, heads, head_dim]."""
     rows, length = visible.shape[0], visible.shape[-1]
     # The mask as a bias added to the scores: the same for every layer, so built once a step.
-    bias = torch.zeros(rows, kv_heads, 1, length).masked_fill_(~visible, float("-inf"))
+    bias = torch.zeros(rows, kv_heads, 1, length, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
     def attend(q, keys, values, scale):
         heads = q.shape[1]
