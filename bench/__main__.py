@@ -79,16 +79,21 @@ def healthy(url: str) -> bool:
         return False
 
 
-# After its first request, an idle engine builds the grammar's vocabulary, holding its GIL
-# for up to 1.5 s (measured): the first measured requests must not meet that.
+# Once idle for 1 s after it starts, the engine builds the grammar's vocabulary, holding its
+# GIL for up to 1.5 s (measured): the first measured requests must not meet that.
 _SETTLE_S = 3.0
 
 
-def settle(args: argparse.Namespace, api: str, deadline: float) -> None:
+def served_urls(args: argparse.Namespace) -> tuple[str, str]:
+    """The Textbot API's and the chat page's base URLs."""
+    return args.url.rstrip("/") + args.api_path.rstrip("/"), args.url.rstrip("/") + "/" + args.page_path.strip("/")
+
+
+def settle(args: argparse.Namespace, deadline: float) -> None:
     """A stack just started is healthy before it has settled: the chat page's replica may
     still be starting (importing Gradio takes seconds of CPU) and the engine has yet to
     build the grammar's vocabulary. Wait for the page, send one reply, give the engine time."""
-    page = args.url.rstrip("/") + "/" + args.page_path.strip("/")
+    api, page = served_urls(args)
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(page.rstrip("/") + "/config", timeout=5).status_code == 200:
@@ -102,7 +107,7 @@ def settle(args: argparse.Namespace, api: str, deadline: float) -> None:
 @contextlib.contextmanager
 def served_stack(args: argparse.Namespace, skipped: dict):
     """Use the stack at --url, or run `serve run deploy.yaml` for the length of the benchmark."""
-    api = args.url.rstrip("/") + args.api_path.rstrip("/")
+    api, _ = served_urls(args)
     if (up := healthy(api)) or args.no_start:
         yield up
         return
@@ -122,7 +127,7 @@ def served_stack(args: argparse.Namespace, skipped: dict):
             for target in SERVED:
                 skipped[target] = "the stack did not become healthy within 300 s"
         else:
-            settle(args, api, deadline)
+            settle(args, deadline)
         yield up
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run stops Ray on SIGINT
@@ -243,8 +248,7 @@ async def run(args: argparse.Namespace) -> dict:
     served = [t for t in args.targets if t in SERVED]
     if served:
         with served_stack(args, skipped) as up:
-            api = args.url.rstrip("/") + args.api_path.rstrip("/")
-            page = args.url.rstrip("/") + "/" + args.page_path.strip("/")
+            api, page = served_urls(args)
             async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
                 clients = {"http": lambda: text_client(api, client), "openai": lambda: openai_client(api, client),
                            "page": lambda: page_client(page.rstrip("/") + "/", client)}

@@ -55,14 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def first_byte(port: int, started: float, launcher: subprocess.Popen) -> float:
     deadline = started + FIRST_TOKEN_TIMEOUT_S
     while time.time() < deadline and launcher.poll() is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             connection.request("POST", "/api/?prompt=Hi&max_new_tokens=4")
             response = connection.getresponse()
             if response.status == 200 and response.read(1):
                 return time.time() - started
         except OSError:
             pass
+        finally:
+            connection.close()
         time.sleep(0.05)
     raise RuntimeError(f"no first token within {FIRST_TOKEN_TIMEOUT_S} s (launcher exit code {launcher.poll()})")
 
