@@ -6,7 +6,7 @@ import torch
 
 from backend.engine import slots
 from backend.engine.loading import load
-from backend.engine.quant import GROUP, Int4Linear, fuse, split_8bit
+from backend.engine.quant import GROUP, Bf16Linear, Int4Linear, fuse
 from backend.settings import ModelSettings
 
 
@@ -24,15 +24,15 @@ def test_int4_codes_are_used_as_they_are():
     torch.testing.assert_close(Int4Linear.from_codes(codes, scale, zero)(x), x @ weight.T, rtol=2e-2, atol=2e-2)
 
 
-def test_8bit_codes_split_in_two_4bit_halves_are_exact():
-    codes = torch.randint(-127, 128, (32, 128))
-    scale = (torch.rand(32, 128 // GROUP) / 64).to(torch.bfloat16).float()
-    high_low, scales, zeros = split_8bit(codes, scale)
-    assert int(high_low.min()) >= 0 and int(high_low.max()) <= 15
-    weight = (codes.reshape(32, -1, GROUP) * scale[..., None]).reshape(32, 128)
+def test_bfloat16_output_layer_gives_each_row_the_same_logits_alone_and_in_a_batch():
+    weight = torch.randn(1000, 128).to(torch.bfloat16).float()  # values bfloat16 holds exactly
+    layer = Bf16Linear.from_weight(weight)
     x = _bf16_input()
-    layer = Int4Linear.from_codes(high_low, scales, zeros, halves=2)
-    torch.testing.assert_close(layer(x), x @ weight.T, rtol=2e-2, atol=2e-2)
+    together = layer(x)
+    torch.testing.assert_close(together, x @ weight.T, rtol=2e-2, atol=2e-2)
+    # Bitwise: a greedy reply must not depend on the other rows of its step.
+    assert torch.equal(together, torch.cat([layer(row[None]) for row in x]))
+    assert torch.equal(layer(x[None])[0], together)  # any leading shape
 
 
 def test_fused_layers_give_the_outputs_side_by_side():

@@ -1,11 +1,11 @@
-"""A GGUF file's 4- and 8-bit weights as they are stored, for `Int4Linear.from_codes`.
+"""A GGUF file's 4-bit weights as they are stored, for `Int4Linear.from_codes`.
 
 transformers de-quantises a GGUF file to float weights; re-quantising those would
 round a second time. Q4_0 and Q4_1 blocks are already torch's int4 format (32
 codes `q` in 0..15 sharing a scale `d` and, for Q4_1, an offset `m`), so their
 codes go to the kernel untouched: weight = d * q + m = (q - 8) * d + (m + 8 d).
-Q8_0 blocks (32 signed 8-bit codes and a float16 scale; the default model's
-embedding and tied output layer) go as two 4-bit halves (`quant.split_8bit`).
+Other block types (the default model's Q8_0 embedding, tied to its output layer, among
+them) are left to transformers' float weights.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backend.engine.quant import Int4Codes, split_8bit
+from backend.engine.quant import Int4Codes
 
 # Block layouts, as llama.cpp writes them: float16 d [, float16 m], then 16 bytes of
 # codes, element j in the low nibble of byte j and element j + 16 in its high nibble.
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 
 
 def int4_weights(gguf_path: str, model: torch.nn.Module) -> dict[str, Int4Codes]:
-    """{parameter name in `model`: its codes} for each Q4_0, Q4_1 and Q8_0 tensor of the file."""
+    """{parameter name in `model`: its codes} for each Q4_0 and Q4_1 tensor of the file."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map)
@@ -47,9 +47,6 @@ def _codes(raw: np.ndarray, kind: str) -> Int4Codes:
     rows = raw.shape[0]
     blocks = raw.reshape(rows, -1, _BLOCK_BYTES[kind])
     d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
-    if kind == "Q8_0":
-        codes = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1).astype(np.int32))
-        return Int4Codes(*split_8bit(codes, d), halves=2)
     if kind == "Q4_1":
         m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
         zero = m + 8 * d

@@ -150,6 +150,9 @@ class VocabProjection(torch.nn.Module):
 
 
 _COMPLETE = "textbot-cache-complete"
+# What quant.quantize_model saves; a new value when that changes (2: a bfloat16 output layer
+# for int4, no longer two 4-bit halves), so an older copy is not loaded into the new layers.
+_LAYOUT = 2
 _WEIGHTS = "model.safetensors"
 
 
@@ -160,7 +163,7 @@ def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path |
     gguf = Path(location.path, location.gguf_file).resolve()
     # torch's version too: the int4 kernel's packed layout is its own.
     key = (f"{_fingerprint(gguf)}|{settings.dtype}|{settings.quantization}|"
-           f"{transformers.__version__}|{torch.__version__}")
+           f"{transformers.__version__}|{torch.__version__}|{_LAYOUT}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.quantization}-{settings.dtype}-{digest}"
 

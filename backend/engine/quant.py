@@ -9,6 +9,10 @@ than float32, and torch ships CPU kernels that multiply by them directly:
 Both want bfloat16 activations (float32 ones made the int4 kernel 20-30x slower),
 so the layers cast on the way in and back on the way out.
 
+The output layer of an int4 model is the exception: it stays in bfloat16 (`Bf16Linear`),
+laid out once for oneDNN's matmul, which reads it at memory speed for any number of rows
+while the int4 kernel's time grows with them.
+
 A GGUF file's Q4_0 / Q4_1 blocks are already this format (32 weights `d * q + m`,
 `q` in 0..15), so `Int4Linear.from_codes` packs them as they are; anything else is
 quantised here, from its float weights (`Int4Linear.quantize`, `Int8Linear.quantize`).
@@ -29,34 +33,25 @@ Quantization = Literal["int4", "int8", "none"]
 
 
 class Int4Linear(torch.nn.Module):
-    """y = x Wᵀ (+ b) with W stored as 4-bit codes q, group-wise `(q - 8) * scale + zero`.
+    """y = x Wᵀ (+ b) with W stored as 4-bit codes q, group-wise `(q - 8) * scale + zero`."""
 
-    `halves=2` holds 8-bit codes c = 16 h + l (groups of 32, as GGUF's Q8_0) as two 4-bit
-    matrices side by side, [W_h | W_l], and feeds the kernel [x | x]: one call computes
-    x W_hᵀ + x W_lᵀ = x Wᵀ exactly. Twice the bytes of 4 bits, and no per-channel int8
-    rounding: for the output layer, whose errors go straight into the logits (measured on
-    the default model: 4-bit output layer 85 % top-1 agreement with float32, these 8 bits 98 %).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, halves: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         if in_features % GROUP:
             raise ValueError(f"int4 layers need input features in multiples of {GROUP}, not {in_features}")
-        self.in_features, self.out_features, self.halves = in_features, out_features, halves
+        self.in_features, self.out_features = in_features, out_features
         # Shapes as the kernel packs them; filled by from_codes / quantize or a cached state dict.
-        packed_in = in_features * halves
-        self.register_buffer("packed", torch.empty(out_features, packed_in // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.empty(packed_in // GROUP, out_features, 2,
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // GROUP, out_features, 2,
                                                              dtype=torch.bfloat16))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   bias: torch.Tensor | None = None, halves: int = 1) -> Int4Linear:
-        """codes [out, in * halves] in 0..15; scale and zero [out, in * halves / 32]:
-        weight = (q - 8) * scale + zero, the halves summed."""
-        out_features, in_features = codes.shape[0], codes.shape[1] // halves
-        layer = cls(in_features, out_features, bias is not None, halves)
+                   bias: torch.Tensor | None = None) -> Int4Linear:
+        """codes [out, in] in 0..15; scale and zero [out, in / 32]: weight = (q - 8) * scale + zero."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bias is not None)
         layer.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), _INNER_K_TILES)
         layer.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         if bias is not None:
@@ -73,32 +68,12 @@ class Int4Linear(torch.nn.Module):
         codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         return cls.from_codes(codes.reshape(out_features, in_features), scale, low + 8 * scale, bias)
 
-    @classmethod
-    def quantize_8bit(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int4Linear:
-        """Symmetric 8 bits per group of 32 (as Q8_0), held as two 4-bit halves."""
-        out_features, in_features = weight.shape
-        groups = weight.float().reshape(out_features, in_features // GROUP, GROUP)
-        scale = (groups.abs().amax(-1) / 127).clamp(min=1e-8)
-        codes = (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int32)
-        return cls.from_codes(*split_8bit(codes.reshape(out_features, in_features), scale), bias=bias, halves=2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.halves > 1:
-            rows = rows.repeat(1, self.halves)
         y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def split_8bit(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """8-bit codes c in -127..127 ([out, in]) with a scale per group of 32 -> 4-bit codes, scales and
-    zeros for `Int4Linear(halves=2)`: c + 128 = 16 h + l, so c * s = ((h - 8) * 16 s) + ((l - 8) * s + 8 s)."""
-    shifted = codes + 128
-    high, low = shifted // 16, shifted % 16
-    return (torch.cat([high, low], dim=1), torch.cat([16 * scale, scale], dim=1),
-            torch.cat([torch.zeros_like(scale), 8 * scale], dim=1))
 
 
 class Int8Linear(torch.nn.Module):
@@ -130,6 +105,54 @@ class Int8Linear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class Bf16Linear(torch.nn.Module):
+    """y = x Wᵀ (+ b) with W in bfloat16: an int4 model's output layer.
+
+    The output layer is the largest matrix of a small model (49152 x 576 in the default one),
+    and every row of every step goes through it. Measured (one thread, 2026-12-02, an Intel
+    Xeon with AMX): as 8-bit codes in two int4 halves it took 3.1 ms for 1 row, 11.9 ms for 8
+    and 93 ms for 64; in bfloat16, laid out for oneDNN, 2.4-2.7 ms for 1 to 8 rows and 4 ms
+    for 64. The weights are read once whatever the rows, so a batch costs about what one row does.
+
+    A row's result does not depend on the other rows of the call (checked bitwise,
+    tests/test_quant.py), so a greedy reply is the same alone and in a batch.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # oneDNN's blocked copy of `weight`, made at the first call (after a saved state is loaded
+        # into `weight`); an opaque tensor, so it is not part of the state that is saved.
+        self._packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Bf16Linear:
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias is not None)
+        layer.weight = weight.detach().to(torch.bfloat16).contiguous()
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if _ONEDNN_BF16:
+            if self._packed is None:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, None, "none", [], "")
+        else:  # no oneDNN bfloat16 on this CPU: torch's own matmul, slower
+            y = torch.nn.functional.linear(rows, self.weight)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# oneDNN's bfloat16 matmul: AMX or AVX-512 bf16 dot products where the CPU has them.
+_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 QUANTISED_LAYERS = {"int4": Int4Linear, "int8": Int8Linear}
 
 
@@ -140,14 +163,13 @@ class Int4Codes:
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
-    halves: int = 1
 
 
 def quantize_model(model: torch.nn.Module, quantization: Quantization,
                    stored: dict[str, Int4Codes] | None = None,
                    empty: bool = False) -> None:
     """Replace the model's linear layers, the output layer included, with `quantization`'s.
-    With int4, the output layer keeps 8 bits (`Int4Linear` with two halves).
+    With int4, the output layer goes to bfloat16 (`Bf16Linear`).
 
     `stored`: 4-bit codes for some weights, by parameter name, used as they are (from
     `gguf_blocks.int4_weights`); the other layers are quantised from their float weights.
@@ -167,16 +189,14 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
         for name, child in parent.named_children():
             if not isinstance(child, torch.nn.Linear) or child.in_features % GROUP or child.out_features % 16:
                 continue
-            halves = 2 if quantization == "int4" and child is head else 1
-            if empty:
-                replacement = layer_class(child.in_features, child.out_features, child.bias is not None,
-                                          **({"halves": halves} if halves > 1 else {}))
+            if quantization == "int4" and child is head:
+                replacement = (Bf16Linear(child.in_features, child.out_features, child.bias is not None) if empty
+                               else Bf16Linear.from_weight(child.weight.data, child.bias))
+            elif empty:
+                replacement = layer_class(child.in_features, child.out_features, child.bias is not None)
             elif quantization == "int4" and (codes := next(
-                    (stored[n] for n in names.get(id(child.weight), []) if n in stored), None)) \
-                    and codes.halves >= halves:
-                replacement = Int4Linear.from_codes(codes.codes, codes.scale, codes.zero, child.bias, codes.halves)
-            elif halves > 1:
-                replacement = Int4Linear.quantize_8bit(child.weight.data, child.bias)
+                    (stored[n] for n in names.get(id(child.weight), []) if n in stored), None)):
+                replacement = Int4Linear.from_codes(codes.codes, codes.scale, codes.zero, child.bias)
             else:
                 replacement = layer_class.quantize(child.weight.data, child.bias)
             setattr(parent, name, replacement)
@@ -188,10 +208,8 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
     cannot be joined. One call instead of several: fewer casts and less Python per step."""
     if any(layer.bias is not None for layer in layers):
         return None
-    if all(isinstance(layer, Int4Linear) and layer.halves == layers[0].halves
-           and layer.out_features % _PACKED_ROW_BLOCK == 0 for layer in layers):
-        fused = Int4Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
-                           halves=layers[0].halves)
+    if all(isinstance(layer, Int4Linear) and layer.out_features % _PACKED_ROW_BLOCK == 0 for layer in layers):
+        fused = Int4Linear(layers[0].in_features, sum(layer.out_features for layer in layers))
         # The kernel packs output rows in blocks of 64, so whole blocks concatenate (checked:
         # tests/test_quant.py; layers of other sizes stay apart).
         fused.packed = torch.cat([layer.packed for layer in layers])
