@@ -46,10 +46,15 @@ def test_fused_layers_give_the_outputs_side_by_side():
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
     """The same layers, so the two paths differ by float rounding only: a prompt read whole, read
-    in chunks, and then decoded in a batch with a shorter prompt beside it."""
+    in chunks, and then decoded in a batch with a shorter prompt beside it. (With int4, prompts
+    go through the 4-bit codes here too, as in transformers' forward: their bfloat16 copies are
+    let go; the next test covers those.)"""
     loaded = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization=quantization))
     model = loaded.model
     assert slots.supports(model)
+    for layer in model.modules():
+        if isinstance(layer, Int4Linear):
+            layer.dense = None
     long, short = list(range(5, 40)), list(range(7, 19))
     with torch.inference_mode():
         reference = [model(input_ids=torch.tensor([ids])).logits[0, -1] for ids in (long, short)]
@@ -77,6 +82,24 @@ def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
         after = batch.step()[0]
         torch.testing.assert_close(after, model(input_ids=torch.tensor([short + [3, 4]])).logits[0, -1],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_int4_prompts_are_read_through_bfloat16_copies(tiny_models):
+    """Prompts (several positions a row) go through each int4 layer's bfloat16 copy, decode
+    steps through its 4-bit codes; the two stand for the same weights."""
+    model = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization="int4")).model
+    ids = list(range(5, 40))
+    with torch.inference_mode():
+        four_bits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # transformers' forward: int4 only
+        read = slots.forward(model, slots.KV(model, 1), torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+    decode_layers, prompt_layers = slots._fused_layers(model)
+    assert all(isinstance(layer.gate_up, Bf16Linear) and isinstance(layer.down_proj, Bf16Linear)
+               for layer in prompt_layers)
+    assert all(isinstance(layer.gate_up, Int4Linear) and isinstance(layer.down_proj, Int4Linear)
+               for layer in decode_layers)
+    assert not torch.equal(read, four_bits)  # the copies were used
+    # The copies hold the kernel's weights rounded to bfloat16 (8 significant bits): the logits move a little.
+    assert (read - four_bits).abs().max() < 0.01 * four_bits.abs().max()
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])

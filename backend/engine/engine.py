@@ -105,6 +105,8 @@ class Engine:
         # The tensors of batching: the lean slot path for the architectures it knows, else
         # Hugging Face's forward. Both have read_whole, PromptReader, Batch and Rows.
         self.path = slots if slots.supports(loaded.model) else generic_path
+        if self.path is slots:
+            slots.prepare(loaded.model)
         # Keys and values of finished requests, for the next turn of their conversation.
         self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
                              if self.path is slots and limits.prefix_cache_mb else None)

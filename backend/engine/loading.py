@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from backend.engine import llama
+from backend.engine import llama, slots
 from backend.engine.location import ModelLoadError, ModelLocation, locate
 from backend.engine.quant import quantize_model
 from backend.settings import ModelSettings
@@ -81,7 +81,7 @@ def _load_source(location: ModelLocation, settings: ModelSettings):
     stored = None
     if location.gguf_file and settings.quantization == "int4":
         stored = int4_weights(str(Path(location.path, location.gguf_file)), model)
-    quantize_model(model, settings.quantization, stored)
+    quantize_model(model, settings.quantization, stored, prompt_copies=slots.supports(model))
     return tokenizer, model.eval()
 
 
@@ -99,7 +99,7 @@ def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bo
         with accelerate.init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache), dtype=dtype)
         model.generation_config = GenerationConfig.from_pretrained(cache)
-    quantize_model(model, settings.quantization, empty=True)
+    quantize_model(model, settings.quantization, empty=True, prompt_copies=slots.supports(model))
     state = safetensors.torch.load_file(cache / _WEIGHTS)
     # An unquantised output layer tied to the embedding shares its tensor, saved once.
     head = model.get_output_embeddings()
@@ -150,9 +150,10 @@ class VocabProjection(torch.nn.Module):
 
 
 _COMPLETE = "textbot-cache-complete"
-# What quant.quantize_model saves; a new value when that changes (2: a bfloat16 output layer
-# for int4, no longer two 4-bit halves), so an older copy is not loaded into the new layers.
-_LAYOUT = 2
+# What quant.quantize_model saves; a new value when that changes, so an older copy is not
+# loaded into the new layers. 2: an int4 model's output layer in bfloat16, no longer two
+# 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts.
+_LAYOUT = 3
 _WEIGHTS = "model.safetensors"
 
 

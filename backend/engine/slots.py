@@ -22,13 +22,13 @@ Same interface as `batch.py`: `read_whole`, `PromptReader`, `Batch`, `Rows`.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from backend.engine.prefix_cache import Hit
-from backend.engine.quant import fuse
+from backend.engine.quant import Bf16Linear, fuse
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -108,8 +108,12 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     """Run `tokens` [rows, t] at `positions` [rows, t] through the model, writing their keys
     and values into rows 0..rows-1 of `kv` at those positions. Returns the logits of the
     last position of each row ([rows, vocab]), or of position `last[row]` if given."""
-    llama, layers = model.model, _fused_layers(model)
     rows, width = tokens.shape
+    # Prompts (several positions a row) through the layers' bfloat16 copies where they have
+    # them, decode steps through the 4-bit codes: the first kernel is fast for many rows, the
+    # other for few. Chosen by the call, never by the batch, so a row's numbers do not depend
+    # on what else is read or decoded with it.
+    llama, layers = model.model, _fused_layers(model)[width > 1]
     length = int(positions.max()) + 1
     kv.make_room(length)
     cos, signed_sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
@@ -186,12 +190,37 @@ class _Layer:
         return F.rms_norm(x, x.shape[-1:], rms.weight, rms.variance_epsilon)
 
 
-def _fused_layers(model: torch.nn.Module) -> list[_Layer]:
-    """Built once per model and kept on it; the originals stay in place for the generic path."""
+def _fused_layers(model: torch.nn.Module) -> tuple[list[_Layer], list[_Layer]]:
+    """The layers for decode steps, and for prompts (their linear layers' bfloat16 copies where
+    they have them). Built once per model and kept on it; the originals stay in place for the
+    generic path."""
     if (layers := getattr(model, "_textbot_fused_layers", None)) is None:
-        layers = [_fuse_layer(layer) for layer in model.model.layers]
-        model._textbot_fused_layers = layers
+        decode = [_fuse_layer(layer) for layer in model.model.layers]
+        prompt = [replace(layer, **{name: _for_prompts(getattr(layer, name))
+                                                for name in ("qkv", "o_proj", "gate_up", "down_proj")})
+                  for layer in decode]
+        layers = model._textbot_fused_layers = (decode, prompt)
     return layers
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """Fuse the layers and lay the bfloat16 weights out for oneDNN at start, so that the first
+    request does not wait for it."""
+    _fused_layers(model)
+    for module in model.modules():
+        if isinstance(module, Bf16Linear):
+            module.pack()
+    for layer in _fused_layers(model)[1]:
+        for part in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
+            if isinstance(part, Bf16Linear):
+                part.pack()
+
+
+def _for_prompts(linear: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(linear, _Side):
+        return _Side([_for_prompts(layer) for layer in linear.layers])
+    dense = getattr(linear, "dense", None)
+    return linear if dense is None else dense
 
 
 def _fuse_layer(layer: torch.nn.Module) -> _Layer:
