@@ -36,8 +36,8 @@ test: $(VENV)/.test-installed $(CHROMIUM)
 bench: $(VENV)/.bench-installed
 	$(PY) -m bench
 
-$(VENV)/.bench-installed: $(VENV)/.test-installed requirements-bench.txt
-	$(PIP) install -r requirements-bench.txt
+$(VENV)/.bench-installed: $(VENV)/.test-installed requirements-bench.txt bench/llamacpp_build.py
+	$(PY) -m bench.llamacpp_build
 	touch $@
 
 $(VENV)/.installed: requirements.txt

@@ -27,8 +27,10 @@ import torch
 from bench.report import write_side_study
 
 ROOT = Path(__file__).resolve().parent.parent
-# A decode step's attention is two batched matmuls and a softmax (slots._decode_attention).
+# A decode step's attention is two batched matmuls and a softmax (slots._decode_attention);
+# the output layer is a bfloat16 oneDNN matmul (quant.Bf16Linear).
 OPERATORS = {"aten::_weight_int4pack_mm_for_cpu": "int4 matmuls",
+             "mkldnn::_linear_pointwise": "output layer (bfloat16)",
              "aten::baddbmm": "attention", "aten::bmm": "attention", "aten::_softmax": "attention"}
 
 
