@@ -4,9 +4,9 @@ against Hugging Face's forward on the same model."""
 import pytest
 import torch
 
-from backend.engine import slots
+from backend.engine import quant, slots
 from backend.engine.loading import load
-from backend.engine.quant import GROUP, Bf16Linear, Int4Linear, fuse
+from backend.engine.quant import GROUP, ONEDNN_BF16, Bf16Linear, Int4Linear, fuse
 from backend.settings import ModelSettings
 
 
@@ -24,15 +24,21 @@ def test_int4_codes_are_used_as_they_are():
     torch.testing.assert_close(Int4Linear.from_codes(codes, scale, zero)(x), x @ weight.T, rtol=2e-2, atol=2e-2)
 
 
-def test_bfloat16_output_layer_gives_each_row_the_same_logits_alone_and_in_a_batch():
-    weight = torch.randn(1000, 128).to(torch.bfloat16).float()  # values bfloat16 holds exactly
+@pytest.mark.parametrize("onednn", sorted({ONEDNN_BF16, False}))  # and the float32 fallback
+@pytest.mark.parametrize("shape", [(1000, 128), (49152, 576)])  # the default model's output layer
+def test_bfloat16_output_layer_gives_each_row_the_same_logits_alone_and_in_a_batch(shape, onednn, monkeypatch):
+    monkeypatch.setattr(quant, "ONEDNN_BF16", onednn)
+    weight = torch.randn(*shape).to(torch.bfloat16).float()  # values bfloat16 holds exactly
     layer = Bf16Linear.from_weight(weight)
-    x = _bf16_input()
+    x = torch.randn(8, shape[1]).to(torch.bfloat16).float()  # a full decode batch
     together = layer(x)
     torch.testing.assert_close(together, x @ weight.T, rtol=2e-2, atol=2e-2)
-    # Bitwise: a greedy reply must not depend on the other rows of its step.
-    assert torch.equal(together, torch.cat([layer(row[None]) for row in x]))
-    assert torch.equal(layer(x[None])[0], together)  # any leading shape
+    torch.testing.assert_close(layer(x[None])[0], together)  # any leading shape
+    alone = torch.cat([layer(row[None]) for row in x])
+    if onednn:  # bitwise: a greedy reply must not depend on the other rows of its step
+        assert torch.equal(together, alone)
+    else:  # float32 W·xᵀ, as the float path's output layer: equal up to float rounding
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
 
 
 def test_fused_layers_give_the_outputs_side_by_side():
@@ -93,11 +99,14 @@ def test_int4_prompts_are_read_through_bfloat16_copies(tiny_models):
         four_bits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # transformers' forward: int4 only
         read = slots.forward(model, slots.KV(model, 1), torch.tensor([ids]), torch.arange(len(ids))[None])[0]
     decode_layers, prompt_layers = slots._fused_layers(model)
-    assert all(isinstance(layer.gate_up, Bf16Linear) and isinstance(layer.down_proj, Bf16Linear)
+    # Where the CPU has no bfloat16 dot products, prompts stay on the int4 kernel.
+    for_prompts = Bf16Linear if ONEDNN_BF16 else Int4Linear
+    assert all(isinstance(layer.gate_up, for_prompts) and isinstance(layer.down_proj, for_prompts)
                for layer in prompt_layers)
     assert all(isinstance(layer.gate_up, Int4Linear) and isinstance(layer.down_proj, Int4Linear)
                for layer in decode_layers)
-    assert not torch.equal(read, four_bits)  # the copies were used
+    if ONEDNN_BF16:
+        assert not torch.equal(read, four_bits)  # the copies were used
     # The copies hold the kernel's weights rounded to bfloat16 (8 significant bits): the logits move a little.
     assert (read - four_bits).abs().max() < 0.01 * four_bits.abs().max()
 

@@ -128,8 +128,11 @@ class Bf16Linear(torch.nn.Module):
     and 93 ms for 64; in bfloat16, laid out for oneDNN, 2.4-2.7 ms for 1 to 8 rows and 4 ms
     for 64. The weights are read once whatever the rows, so a batch costs about what one row does.
 
-    A row's result does not depend on the other rows of the call (checked bitwise,
-    tests/test_quant.py), so a greedy reply is the same alone and in a batch.
+    For the output layer's shape a row's logits did not depend on the other rows of the call
+    (bitwise, 1 to 40 rows, with oneDNN's AMX, AVX-512 bf16 and AVX-512 kernels; tested), so
+    a greedy reply is the same alone and in a decode batch. That does not hold for every
+    shape (576 x 1536 at 8 rows differed in the last bit): the bfloat16 copies of the other
+    layers read prompts only, and decode steps keep the int4 kernel, which is row-invariant.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -152,26 +155,31 @@ class Bf16Linear(torch.nn.Module):
         return layer
 
     def pack(self) -> None:
-        """Lay the weights out for oneDNN now (the first call does it otherwise)."""
-        if _ONEDNN_BF16 and self._packed is None:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+        """Lay the weights out for oneDNN now (the first call does it otherwise); on a CPU
+        without bfloat16 dot products, widen them to float32 instead."""
+        if self._packed is None:
+            self._packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight) if ONEDNN_BF16
+                            else self.weight.float())
             self.weight = torch.empty(0, dtype=torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if _ONEDNN_BF16:
-            self.pack()
-            y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, None, "none", [], "")
-        else:  # no oneDNN bfloat16 on this CPU: torch's own matmul, slower
-            y = torch.nn.functional.linear(rows, self.weight)
+        rows = x.reshape(-1, self.in_features)
+        self.pack()
+        if ONEDNN_BF16:
+            y = torch.ops.mkldnn._linear_pointwise(rows.to(torch.bfloat16), self._packed, None, "none", [], "")
+        else:  # W·xᵀ in float32, as loading.VocabProjection (not bitwise the same for 1 and 8 rows)
+            y = (self._packed @ rows.float().T).T
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-# oneDNN's bfloat16 matmul: AMX or AVX-512 bf16 dot products where the CPU has them.
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# oneDNN's bfloat16 matmul, where the CPU has bfloat16 dot products (AVX-512 BF16 or AMX).
+# Without them oneDNN emulates bfloat16, and a row's result came to depend on the other rows
+# of the call (AVX-512 without BF16, tried by limiting oneDNN with ONEDNN_MAX_CPU_ISA).
+ONEDNN_BF16 = torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                        or torch.cpu._is_amx_tile_supported())
 
 QUANTISED_LAYERS = {"int4": Int4Linear, "int8": Int8Linear}
 
