@@ -12,7 +12,9 @@ Python around the ops (profiled: docs/BENCHMARKS.md). Here:
 - Decoding rows sit in rows 0..n-1, so attention reads a view, never a gathered copy.
   A retired row's place is filled by moving rows up, once, at retirement.
 - One function, `forward`, serves prompts and decode steps alike: queries at given
-  positions attend to every cached column at or before their own position.
+  positions attend to every cached column at or before their own position. With int4
+  weights, prompts go through each layer's bfloat16 copy (`quant.Int4Linear.dense`) and
+  decode steps through its 4-bit codes.
 
 The same weights and modules as the Hugging Face model (quantised linear layers
 included), so both paths give the same logits up to float rounding (tested).
@@ -196,8 +198,8 @@ def _fused_layers(model: torch.nn.Module) -> tuple[list[_Layer], list[_Layer]]:
     generic path."""
     if (layers := getattr(model, "_textbot_fused_layers", None)) is None:
         decode = [_fuse_layer(layer) for layer in model.model.layers]
-        prompt = [replace(layer, **{name: _for_prompts(getattr(layer, name))
-                                                for name in ("qkv", "o_proj", "gate_up", "down_proj")})
+        linears = ("qkv", "o_proj", "gate_up", "down_proj")
+        prompt = [replace(layer, **{name: _for_prompts(getattr(layer, name)) for name in linears})
                   for layer in decode]
         layers = model._textbot_fused_layers = (decode, prompt)
     return layers
