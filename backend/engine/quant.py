@@ -222,15 +222,15 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
             if quantization == "int4" and child is head:
                 replacement = (Bf16Linear(child.in_features, child.out_features, child.bias is not None) if empty
                                else Bf16Linear.from_weight(child.weight.data, child.bias))
+            elif quantization == "int4" and empty:
+                replacement = Int4Linear(child.in_features, child.out_features, child.bias is not None,
+                                         dense=prompt_copies)
             elif quantization == "int4":
-                dense = prompt_copies and not empty
-                if empty:
-                    replacement = Int4Linear(child.in_features, child.out_features, child.bias is not None,
-                                             dense=prompt_copies)
-                elif codes := next((stored[n] for n in names.get(id(child.weight), []) if n in stored), None):
-                    replacement = Int4Linear.from_codes(codes.codes, codes.scale, codes.zero, child.bias, dense)
+                if codes := next((stored[n] for n in names.get(id(child.weight), []) if n in stored), None):
+                    replacement = Int4Linear.from_codes(codes.codes, codes.scale, codes.zero, child.bias,
+                                                        prompt_copies)
                 else:
-                    replacement = Int4Linear.quantize(child.weight.data, child.bias, dense=dense)
+                    replacement = Int4Linear.quantize(child.weight.data, child.bias, prompt_copies)
             elif empty:
                 replacement = layer_class(child.in_features, child.out_features, child.bias is not None)
             else:
@@ -250,8 +250,9 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
         # tests/test_quant.py; layers of other sizes stay apart).
         fused.packed = torch.cat([layer.packed for layer in layers])
         fused.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
-        if all(layer.dense is not None for layer in layers):
+        if ONEDNN_BF16 and all(layer.dense is not None for layer in layers):
             # Moved, not copied: only the fused layer reads prompts (the originals' own forward is int4).
+            # Not on a CPU without bfloat16 dot products, where prompts stay on int4 (slots._for_prompts).
             fused.dense = Bf16Linear.from_weight(torch.cat([layer.dense.weight for layer in layers]))
             for layer in layers:
                 layer.dense = None
