@@ -20,13 +20,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # HTTP_PORT empty: deploy.yaml's http_options.port (8000). RAY_PORT: the head's GCS.
 # RAY_FLAGS go to `ray start`, e.g. RAY_FLAGS=--temp-dir=/tmp/textbot; the node runs without Ray's
 # dashboard (a quicker start) unless RAY_FLAGS=--include-dashboard=true.
+# ENGINE_CPUS: CPUs set aside for the model's engine (e.g. 3 or 2-3; none: no CPU set aside);
+# empty: the last CPU, given two or more (backend/engine/cpus.py).
 HTTP_PORT :=
+ENGINE_CPUS :=
 METRICS_PORT := 8080
 RAY_PORT := 6379
 RAY_FLAGS :=
 run: $(VENV)/.installed
 	$(PY) -m backend.launch $(if $(HTTP_PORT),--http-port=$(HTTP_PORT)) --metrics-port=$(METRICS_PORT) \
-		--ray-port=$(RAY_PORT) $(RAY_FLAGS) deploy.yaml
+		--ray-port=$(RAY_PORT) $(if $(ENGINE_CPUS),--engine-cpus=$(ENGINE_CPUS)) $(RAY_FLAGS) deploy.yaml
 
 test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest

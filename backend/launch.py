@@ -15,9 +15,12 @@ Serve import here while the node starts; Serve starts as soon as the node's GCS 
 is deployed alone and the others once it runs, so its replicas do not share the two
 CPUs with the chat page's Gradio; the node runs without Ray's dashboard (a web UI and
 the REST API of `serve deploy`/`serve status`; Prometheus' exporter is the node's agent,
-not the dashboard): pass --include-dashboard=true to have it.
+not the dashboard): pass --include-dashboard=true to have it. Given two CPUs or more, the
+last is set aside for the model's engine process and everything else runs on the others
+(--engine-cpus; backend/engine/cpus.py says why).
 
-    python -m backend.launch [--http-port 8000] [--metrics-port 8080] [--ray-port 6379] [ray start flags] deploy.yaml
+    python -m backend.launch [--http-port 8000] [--metrics-port 8080] [--ray-port 6379] [--engine-cpus auto]
+                             [ray start flags] deploy.yaml
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from backend.engine.cpus import ENV as ENGINE_CPUS_ENV, parse as parse_cpus
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120
 
@@ -46,6 +51,9 @@ def main() -> int:
     parser.add_argument("--http-port", type=int, help="Serve's HTTP port (default: the config's http_options.port)")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus exporter (default 8080)")
     parser.add_argument("--ray-port", type=int, default=6379, help="the head node's GCS port (default 6379)")
+    parser.add_argument("--engine-cpus", default="auto",
+                        help="CPUs set aside for the model's engine processes, e.g. 3 or 2-3; everything else "
+                             "runs on the others. auto (default): the last CPU, given two or more; none: no CPU set aside")
     args, ray_flags = parser.parse_known_args()
     if not Path(args.config).is_file():
         parser.error(f"no Serve config at {args.config}")
@@ -59,6 +67,10 @@ def main() -> int:
     if taken := [(port, what) for port, what, host in wanted if not port_is_free(host, port)]:
         sys.exit(ports_taken_sentence(taken))
 
+    try:
+        engine_cpus = cpus_for_engines(args.engine_cpus, os.sched_getaffinity(0))
+    except ValueError as exc:
+        parser.error(f"--engine-cpus: {exc}")
     http_options["port"] = http_port
     if "RAY_AUTH_MODE" not in os.environ:
         # Ray 2.60's head turns token auth on when it finds a token (~/.ray/auth_token), but a
@@ -73,6 +85,14 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop_serving)
     signal.signal(signal.SIGTERM, stop_serving)
+    if engine_cpus:
+        # This process and the node it starts (Ray's processes, Serve's, the replicas) keep off the
+        # engines' CPUs; the engine processes claim them (backend/engine/cpus.py).
+        others = os.sched_getaffinity(0) - engine_cpus
+        os.sched_setaffinity(0, others)
+        os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine_cpus)))
+        print(f"The model's engine runs on CPU {os.environ[ENGINE_CPUS_ENV]}; Ray, Serve and the rest on "
+              f"CPU {','.join(map(str, sorted(others)))} (--engine-cpus).", flush=True)
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--disable-usage-stats",
                              # No dashboard unless asked for (a later flag wins): a dozen processes
                              # fewer to start on two CPUs; the metrics exporter does not need it.
@@ -124,6 +144,22 @@ def main() -> int:
         stop_node(head)
         if address_file:
             forget_node(address_file, args.ray_port, address_before)
+
+
+def cpus_for_engines(wanted: str, available: set[int]) -> set[int]:
+    """The CPUs to set aside for engine processes: `wanted` as --engine-cpus gives it, of the
+    CPUs this process may use. ValueError with a sentence when that leaves nothing for the rest."""
+    if wanted == "none":
+        return set()
+    if wanted == "auto":
+        return {max(available)} if len(available) >= 2 else set()
+    cpus = parse_cpus(wanted)
+    if outside := cpus - available:
+        raise ValueError(f"CPU {','.join(map(str, sorted(outside)))} is not among this machine's "
+                         f"(usable here: {','.join(map(str, sorted(available)))})")
+    if not available - cpus:
+        raise ValueError("that leaves no CPU for Ray and Serve: set fewer aside, or none")
+    return cpus
 
 
 def ensure_auth_token() -> None:

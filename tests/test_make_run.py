@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from backend.engine import cpus
 from backend.launch import forget_node
 from tests.conftest import ROOT, free_port
 from tests.processes import kill_processes_mentioning, wait_for
@@ -59,6 +60,11 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
              f"--ray-client-server-port={free_port()}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     log = tmp_path / "make-run.log"
+    # Whether an engine of another `make run` on this machine holds the CPU ours would claim.
+    last_cpu_free = bool(cpus.claim(1, {max(os.sched_getaffinity(0))}))
+    for lock in cpus._held:
+        lock.close()
+    cpus._held.clear()
     with open(log, "wb") as out:
         # Its own process group, so that Ctrl-C can go to all of it, as a terminal sends it.
         make = subprocess.Popen(["make", "run", f"HTTP_PORT={http_port}", f"METRICS_PORT={metrics_port}",
@@ -71,6 +77,7 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
 
         reply = httpx.post(f"{app}/api/", params={"prompt": "Hello", "max_new_tokens": 8}, timeout=60)
         assert reply.status_code == 200 and reply.text
+        check_the_engine_has_a_cpu_of_its_own(ray_tmp, last_cpu_free)
         # The chat page: deployed once the model's application runs (backend/launch.py), so a little later.
         wait_for(lambda: httpx.get(f"{app}/", timeout=30).status_code == 200, 120, "the chat page at /")
 
@@ -176,6 +183,26 @@ def test_a_stopped_node_is_forgotten_only_where_the_address_file_still_names_it(
 
 
 @contextlib.contextmanager
+def check_the_engine_has_a_cpu_of_its_own(ray_tmp: str, last_cpu_free: bool) -> None:
+    """Given two CPUs or more, `make run` sets the last aside for the engine (backend/engine/cpus.py):
+    its node's processes run on the others, its engine process on that one (if no other engine holds it)."""
+    usable = os.sched_getaffinity(0)
+    node = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, "cmdline", ray_tmp)]
+    engines = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+               and _mentions(p, "cmdline", "backend.engine.process") and _mentions(p, "environ", f"RAY_TMPDIR={ray_tmp}")]
+    assert node and len(engines) == 1, (node, engines)
+    others = usable - {max(usable)} if len(usable) >= 2 else usable
+    assert all(os.sched_getaffinity(pid) == others for pid in node), [os.sched_getaffinity(pid) for pid in node]
+    expected = {max(usable)} if len(usable) >= 2 and last_cpu_free else others
+    assert os.sched_getaffinity(engines[0]) == expected
+
+
+def _mentions(proc: Path, what: str, text: str) -> bool:
+    with contextlib.suppress(OSError):
+        return text in (proc / what).read_bytes().decode(errors="replace")
+    return False
+
+
 def listening():
     """A port held by a listening socket, as a serving `make run` holds its ports."""
     with socket.socket() as server:

@@ -16,6 +16,7 @@
     engine.py       the scheduler: one decode loop per replica, submit -> Generation, cancel
     generation.py   a reply in flight as its consumer sees it (no torch)
     process.py      the engine in a process of its own, and the replica's side of it (no torch)
+    cpus.py         CPUs set aside for the engine process, claimed one per torch thread (no torch)
 
 Its interface is narrow: `Engine(load(settings), limits).submit(messages, sampling)`
 returns a `Generation` to iterate for text pieces or to cancel.

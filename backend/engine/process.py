@@ -38,6 +38,7 @@ from multiprocessing.connection import Connection
 from types import SimpleNamespace
 
 from backend import errors
+from backend.engine import cpus
 from backend.engine.generation import Finished, Generation
 from backend.engine.location import ModelLoadError
 from backend.errors import GenerationError
@@ -238,6 +239,10 @@ def serve(conn: Connection) -> None:
             conn.send(message)
 
     model, limits, torch_threads = conn.recv()
+    # Before the decode loop's threads start, so they inherit it. Ray sets OMP_NUM_THREADS
+    # to the replica's CPUs, which is what torch then uses.
+    if pinned := cpus.pin_engine(torch_threads or int(os.environ.get("OMP_NUM_THREADS") or 1)):
+        log.info("The engine runs on CPU %s, set aside for it (%s)", ",".join(map(str, pinned)), cpus.ENV)
     try:
         loaded = load(model)
     except Exception as exc:  # noqa: BLE001 - the replica raises it with its message
