@@ -4,7 +4,8 @@ llama.cpp's server on the same GGUF as the peer: `make bench` installs it) and w
 docs/BENCHMARKS.md with the results.
 
 The served targets use a running `make run` stack at --url; if none answers,
-the benchmark starts `serve run deploy.yaml` itself and stops it at the end.
+the benchmark starts one itself as `make run` does (`python -m backend.launch
+deploy.yaml`) and stops it at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -106,17 +108,20 @@ def settle(args: argparse.Namespace, deadline: float) -> None:
 
 @contextlib.contextmanager
 def served_stack(args: argparse.Namespace, skipped: dict):
-    """Use the stack at --url, or run `serve run deploy.yaml` for the length of the benchmark."""
+    """Use the stack at --url, or serve deploy.yaml as `make run` does (backend/launch.py: the
+    engine on a CPU of its own) for the length of the benchmark."""
     api, _ = served_urls(args)
     if (up := healthy(api)) or args.no_start:
         yield up
         return
-    print("No stack answers at", api, "- starting `serve run deploy.yaml`", flush=True)
+    print("No stack answers at", api, "- starting `python -m backend.launch deploy.yaml`, as `make run` does",
+          flush=True)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    serve = Path(sys.executable).with_name("serve")
+    port = urllib.parse.urlsplit(args.url).port
     # SIGINT back to its default in the child: a shell's background job (`python -m bench &` in a
-    # script) starts with SIGINT ignored, and `serve run` would then never see the stop below.
-    process = subprocess.Popen([str(serve), "run", str(ROOT / "deploy.yaml")], cwd=ROOT, env=env,
+    # script) starts with SIGINT ignored; the launcher stops its Ray node on the SIGINT below.
+    process = subprocess.Popen([sys.executable, "-m", "backend.launch", *([f"--http-port={port}"] if port else []),
+                                str(ROOT / "deploy.yaml")], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -124,13 +129,15 @@ def served_stack(args: argparse.Namespace, skipped: dict):
         while not healthy(api) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(2)
         if not (up := healthy(api)):
+            why = (f"the stack exited (code {process.returncode}; `make run` shows why: its ports taken?)"
+                   if process.poll() is not None else "the stack did not become healthy within 300 s")
             for target in SERVED:
-                skipped[target] = "the stack did not become healthy within 300 s"
+                skipped[target] = why
         else:
             settle(args, deadline)
         yield up
     finally:
-        os.killpg(process.pid, signal.SIGINT)  # serve run stops Ray on SIGINT
+        os.killpg(process.pid, signal.SIGINT)  # the launcher stops its Ray node on SIGINT
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(60)
 
