@@ -86,13 +86,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop_serving)
     signal.signal(signal.SIGTERM, stop_serving)
     if engine_cpus:
-        # This process and the node it starts (Ray's processes, Serve's, the replicas) keep off the
-        # engines' CPUs; the engine processes claim them (backend/engine/cpus.py).
-        others = os.sched_getaffinity(0) - engine_cpus
-        os.sched_setaffinity(0, others)
+        # Engine processes claim these (backend/engine/cpus.py); the rest moves off them once the
+        # model runs (deploy_first_application_first): while the node starts, it has every CPU.
         os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine_cpus)))
-        print(f"The model's engine runs on CPU {os.environ[ENGINE_CPUS_ENV]}; Ray, Serve and the rest on "
-              f"CPU {','.join(map(str, sorted(others)))} (--engine-cpus).", flush=True)
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--disable-usage-stats",
                              # No dashboard unless asked for (a later flag wins): a dozen processes
                              # fewer to start on two CPUs; the metrics exporter does not need it.
@@ -124,7 +120,7 @@ def main() -> int:
                                        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
                                        controller_options=schema.controller_options)
         serving = True
-        deploy_first_application_first(client, schema, head)
+        deploy_first_application_first(client, schema, head, engine_cpus)
         return head.wait() or 1  # the node ended under us
     except KeyboardInterrupt:
         return 130
@@ -175,10 +171,11 @@ def ensure_auth_token() -> None:
         generate_and_save_token()
 
 
-def deploy_first_application_first(client, schema, head: subprocess.Popen) -> None:
+def deploy_first_application_first(client, schema, head: subprocess.Popen, engine_cpus: set[int]) -> None:
     """Submit the config's first application alone, the rest once it runs (or fails, or
     after START_TIMEOUT_S): on two CPUs the model's replica then starts without the chat
-    page's imports beside it. Resubmitting the first unchanged leaves it as it is."""
+    page's imports beside it. Resubmitting the first unchanged leaves it as it is. In
+    between, everything but the engines moves off `engine_cpus`."""
     from ray.serve.schema import ApplicationStatus
 
     first, *rest = schema.applications
@@ -190,8 +187,34 @@ def deploy_first_application_first(client, schema, head: subprocess.Popen) -> No
             if status not in (ApplicationStatus.NOT_STARTED, ApplicationStatus.DEPLOYING):
                 break
             time.sleep(0.2)
+    if engine_cpus:
+        keep_off(engine_cpus, head.pid)
     client.deploy_apps(schema, _blocking=False)
     print("Submitted deploy config successfully.", flush=True)
+
+
+def keep_off(engine_cpus: set[int], head_pid: int) -> None:
+    """This process and every process of the node under `head_pid` (Ray's, Serve's, the
+    replicas', every thread of each) onto the CPUs that are not `engine_cpus`, but for the
+    engine processes, which run on CPUs of those already. Processes started later inherit it."""
+    others = os.sched_getaffinity(0) - engine_cpus
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, pids = [os.getpid(), head_pid], []
+    while tree:
+        pid = tree.pop()
+        pids.append(pid)
+        tree += children.get(pid, [])
+    for pid in pids:
+        for thread in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if not os.sched_getaffinity(int(thread.name)) <= engine_cpus:
+                    os.sched_setaffinity(int(thread.name), others)
+    print(f"The model's engine runs on CPU {','.join(map(str, sorted(engine_cpus)))}; Ray, Serve and the rest "
+          f"now on CPU {','.join(map(str, sorted(others)))} (--engine-cpus).", flush=True)
 
 
 def port_is_free(host: str, port: int) -> bool:

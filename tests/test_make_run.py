@@ -77,9 +77,9 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
 
         reply = httpx.post(f"{app}/api/", params={"prompt": "Hello", "max_new_tokens": 8}, timeout=60)
         assert reply.status_code == 200 and reply.text
-        check_the_engine_has_a_cpu_of_its_own(ray_tmp, last_cpu_free)
         # The chat page: deployed once the model's application runs (backend/launch.py), so a little later.
         wait_for(lambda: httpx.get(f"{app}/", timeout=30).status_code == 200, 120, "the chat page at /")
+        check_the_engine_has_a_cpu_of_its_own(ray_tmp, last_cpu_free)
 
         samples = wait_for(lambda: (s := textbot_samples(metrics, "textbot"))
                            .get("ray_textbot_completion_tokens_total", 0) >= 1 and s, 90,
@@ -182,10 +182,10 @@ def test_a_stopped_node_is_forgotten_only_where_the_address_file_still_names_it(
     forget_node(tmp_path / "absent", ours, None)  # no file: nothing to do
 
 
-@contextlib.contextmanager
 def check_the_engine_has_a_cpu_of_its_own(ray_tmp: str, last_cpu_free: bool) -> None:
     """Given two CPUs or more, `make run` sets the last aside for the engine (backend/engine/cpus.py):
-    its node's processes run on the others, its engine process on that one (if no other engine holds it)."""
+    once the model runs (before the chat page is deployed), its node's processes run on the others,
+    the chat page's replica among them, and its engine process on that one (if no other engine holds it)."""
     usable = os.sched_getaffinity(0)
     node = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, "cmdline", ray_tmp)]
     engines = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
@@ -203,6 +203,7 @@ def _mentions(proc: Path, what: str, text: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
 def listening():
     """A port held by a listening socket, as a serving `make run` holds its ports."""
     with socket.socket() as server:

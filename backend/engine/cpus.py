@@ -7,9 +7,9 @@ on, 8 OpenAI streams got 1.05-1.24x the tokens a second. Raising the engine's pr
 instead (nice -10) changed nothing: what it lost was the core itself, its caches and its
 turns, not its share. vLLM's CPU backend binds its OpenMP threads to cores for the same reason.
 
-`make run` (backend/launch.py) sets CPUs aside: Ray's processes run on the others, and it
-names the set-aside ones in TEXTBOT_ENGINE_CPUS, which Ray's workers and the engine
-processes they start inherit. Each engine process claims CPUs from the set, one per torch
+`make run` (backend/launch.py) sets CPUs aside: it names them in TEXTBOT_ENGINE_CPUS, which
+Ray's workers and the engine processes they start inherit, and once the model runs it moves
+Ray's processes and the replicas to the other CPUs (while the node starts, it has them all). Each engine process claims CPUs from the set, one per torch
 thread, with a lock file per CPU, held while the process lives: a second replica's engine
 takes other CPUs or, when too few are left, runs where its replica runs. Without the
 variable (a cluster started by other means) nothing is pinned.
