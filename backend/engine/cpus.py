@@ -3,9 +3,9 @@
 Why: on a small machine the decode loop shares its cores with Serve's proxy, the ingress,
 the replicas and Ray's own processes, which pass every token on in Python. Measured on
 2 cores (docs/BENCHMARKS.md, issue 13): with the engine on a core that nothing else runs
-on, 8 OpenAI streams got 1.05-1.24x the tokens a second. Raising the engine's priority
-instead (nice -10) changed nothing: what it lost was the core itself, its caches and its
-turns, not its share. vLLM's CPU backend binds its OpenMP threads to cores for the same reason.
+on, 8 OpenAI streams got 1.28x and 1.33x the tokens a second (1.05-1.24x pinned by hand,
+before this module). Raising the engine's priority instead (nice -10) changed nothing: what
+it lost was the core itself, its caches and its turns, not its share. vLLM's CPU backend binds its OpenMP threads to cores for the same reason.
 
 `make run` (backend/launch.py) sets CPUs aside: it names them in TEXTBOT_ENGINE_CPUS, which
 Ray's workers and the engine processes they start inherit, and once the model runs it moves
