@@ -68,7 +68,8 @@ def main() -> int:
         sys.exit(ports_taken_sentence(taken))
 
     try:
-        engine_cpus = cpus_for_engines(args.engine_cpus, os.sched_getaffinity(0))
+        engine_cpus = cpus_for_engines(args.engine_cpus, os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
+                                       else set(range(os.cpu_count() or 1)))
     except ValueError as exc:
         parser.error(f"--engine-cpus: {exc}")
     http_options["port"] = http_port
@@ -147,6 +148,10 @@ def cpus_for_engines(wanted: str, available: set[int]) -> set[int]:
     CPUs this process may use. ValueError with a sentence when that leaves nothing for the rest."""
     if wanted == "none":
         return set()
+    if not hasattr(os, "sched_setaffinity"):  # Linux has it; macOS does not
+        if wanted == "auto":
+            return set()
+        raise ValueError("setting CPUs aside needs Linux (os.sched_setaffinity); use none here")
     if wanted == "auto":
         return {max(available)} if len(available) >= 2 else set()
     cpus = parse_cpus(wanted)

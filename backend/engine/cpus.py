@@ -67,7 +67,7 @@ def claim(count: int, reserved: set[int], lock_dir: Path | None = None) -> list[
 def pin_engine(threads: int) -> list[int] | None:
     """Run this process (every thread it has and will have) on CPUs claimed from
     TEXTBOT_ENGINE_CPUS, one per torch thread. The CPUs, or None where nothing was pinned."""
-    if not (listed := os.environ.get(ENV)):
+    if not (listed := os.environ.get(ENV)) or not hasattr(os, "sched_setaffinity"):
         return None
     cpus = claim(threads, parse(listed))
     if cpus is None:
