@@ -9,6 +9,8 @@ export PYTHONPATH := $(CURDIR)
 
 # The browser tests drive Debian's Chromium (Playwright cannot download its own here).
 CHROMIUM := /usr/bin/chromium
+# The engine's compiled decode step is C++ that torch's AOTInductor compiles (backend/engine/compiled.py).
+CXX_BIN := /usr/bin/c++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test bench clean
@@ -27,16 +29,19 @@ ENGINE_CPUS :=
 METRICS_PORT := 8080
 RAY_PORT := 6379
 RAY_FLAGS :=
-run: $(VENV)/.installed
+run: $(VENV)/.installed $(CXX_BIN)
+	$(PY) -m backend.engine.compiled deploy.yaml
 	$(PY) -m backend.launch $(if $(HTTP_PORT),--http-port=$(HTTP_PORT)) --metrics-port=$(METRICS_PORT) \
 		--ray-port=$(RAY_PORT) $(if $(ENGINE_CPUS),--engine-cpus=$(ENGINE_CPUS)) $(RAY_FLAGS) deploy.yaml
 
-test: $(VENV)/.test-installed $(CHROMIUM)
+test: $(VENV)/.test-installed $(CHROMIUM) $(CXX_BIN)
+	$(PY) -m backend.engine.compiled deploy.yaml
 	$(PY) -m pytest
 
 # Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one. Measures
 # llama.cpp's server on the same GGUF beside it, which the first run builds (about 7 minutes).
-bench: $(VENV)/.bench-installed
+bench: $(VENV)/.bench-installed $(CXX_BIN)
+	$(PY) -m backend.engine.compiled deploy.yaml
 	$(PY) -m bench
 
 $(VENV)/.bench-installed: $(VENV)/.test-installed requirements-bench.txt bench/llamacpp_build.py
@@ -58,6 +63,10 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y chromium
+
+$(CXX_BIN):
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y g++
 
 clean:
 	rm -rf $(VENV) .pytest_cache

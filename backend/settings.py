@@ -53,6 +53,14 @@ class ModelSettings(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per replica; defaults to the replica's CPUs."
     )
+    compile: bool = Field(
+        False,
+        description=("Decode steps through a copy of the model's layers compiled ahead of time (torch.export "
+                     "and AOTInductor; backend/engine/compiled.py): faster, the same reply alone and batched, "
+                     "the last bits of the numbers differ from the eager step's (docs/BENCHMARKS.md). The first "
+                     "start builds it (minutes; needs a C++ compiler) and keeps it with the converted weights; "
+                     "a Llama-architecture GGUF model only. Without a compiler the engine runs eagerly."),
+    )
 
     @property
     def served_name(self) -> str:

@@ -3,7 +3,8 @@
 In-process, the default model (deploy.yaml's settings), the engine's slot path, `--context`
 tokens already read in every row:
 
-A. one decode step at 1 and 8 rows, on 1 and 2 torch threads;
+A. one decode step at 1 and 8 rows, on 1 and 2 torch threads, eager and (1 thread) through the
+   compiled copy of the step (`model.compile`, backend/engine/compiled.py);
 B. the same step while another thread of the process runs Python for a share of the time
    (`--busy`), as a model replica's event loop does while it streams the replies through
    Ray: the decode loop gives up the GIL around every torch op and must win it back;
@@ -107,21 +108,27 @@ def measure(args: argparse.Namespace) -> dict:
     loaded = load(settings)
     if not slots.supports(loaded.model):
         raise SystemExit("bench.step times the slot path: the model must be a Llama-architecture one")
-    batches = {rows: Steps(loaded.model, rows, args.context) for rows in (1, 8)}
-    variants = [(rows, threads, None) for rows in (1, 8) for threads in (1, 2)]
-    variants += [(rows, 1, share) for rows in (1, 8) for share in args.busy]
+    compiled = load(settings.model_copy(update={"compile": True}))
+    if not compiled.compiled:
+        raise SystemExit("bench.step: the compiled step could not be built or loaded (the log says why)")
+    batches = {(rows, False): Steps(loaded.model, rows, args.context) for rows in (1, 8)}
+    batches |= {(rows, True): Steps(compiled.model, rows, args.context) for rows in (1, 8)}
+    variants = [(rows, threads, None, False) for rows in (1, 8) for threads in (1, 2)]
+    variants += [(rows, 1, None, True) for rows in (1, 8)]
+    variants += [(rows, 1, share, False) for rows in (1, 8) for share in args.busy]
     samples: dict[tuple, list[float]] = {variant: [] for variant in variants}
     for _ in range(args.rounds):
-        for rows, threads, share in variants:
+        for rows, threads, share, is_compiled in variants:
             torch.set_num_threads(threads)
+            steps = batches[(rows, is_compiled)]
             if share is None:
-                samples[(rows, threads, share)].append(batches[rows].time_ms(args.steps))
+                samples[(rows, threads, share, is_compiled)].append(steps.time_ms(args.steps))
             else:
                 with PythonLoad(share):
-                    samples[(rows, threads, share)].append(batches[rows].time_ms(args.steps))
+                    samples[(rows, threads, share, is_compiled)].append(steps.time_ms(args.steps))
     torch.set_num_threads(1)
     with torch.profiler.profile() as profile:
-        batches[8].time_ms(args.steps)
+        batches[(8, False)].time_ms(args.steps)
     by_operator = {name: 0.0 for name in OPERATORS.values()}
     total = 0.0
     for event in profile.key_averages():
@@ -132,26 +139,28 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": settings.source, "context": args.context, "steps": args.steps, "rounds": args.rounds,
-        "steps_ms": [{"rows": rows, "threads": threads, "python_share": share,
+        "steps_ms": [{"rows": rows, "threads": threads, "python_share": share, "compiled": is_compiled,
                       "median_ms": round(statistics.median(values), 2), "all_ms": [round(v, 2) for v in values]}
-                     for (rows, threads, share), values in samples.items()],
+                     for (rows, threads, share, is_compiled), values in samples.items()],
         "operators_ms_per_step_8_rows": {name: round(us / 1000 / (args.steps + 1), 2)
                                          for name, us in by_operator.items()},
     }
 
 
 def markdown(run: dict) -> str:
-    base = {(r["rows"], r["threads"]): r["median_ms"] for r in run["steps_ms"] if r["python_share"] is None}
+    base = {(r["rows"], r["threads"]): r["median_ms"] for r in run["steps_ms"]
+            if r["python_share"] is None and not r.get("compiled")}
     lines = [f"# A decode step ({run['date']})", "",
              f"`python -m bench.step`: {run['model']}, int4, every row {run['context']} tokens in, "
              f"medians of {run['rounds']} rounds of {run['steps']} steps.", "",
-             "| rows | torch threads | another thread runs Python | step ms | vs alone on 1 thread |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
+             "| rows | step | torch threads | another thread runs Python | step ms | vs eager alone on 1 thread |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in run["steps_ms"]:
         share = "-" if r["python_share"] is None else f"{r['python_share']:.0%} of the time"
-        lines.append(f"| {r['rows']} | {r['threads']} | {share} | {r['median_ms']} | "
+        lines.append(f"| {r['rows']} | {'compiled' if r.get('compiled') else 'eager'} | {r['threads']} | {share} | "
+                     f"{r['median_ms']} | "
                      f"{r['median_ms'] / base[(r['rows'], 1)]:.2f}x |")
-    lines += ["", "At 8 rows, one thread, per step (torch.profiler, self time):", "",
+    lines += ["", "At 8 rows, one thread, eager, per step (torch.profiler, self time):", "",
               "| part | ms |", "| --- | ---: |"]
     lines += [f"| {name} | {ms} |" for name, ms in run["operators_ms_per_step_8_rows"].items()]
     return "\n".join(lines) + "\n"

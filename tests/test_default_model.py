@@ -75,9 +75,10 @@ def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_p
     from tests.conftest import app_config, load_deploy_config
 
     settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
-    settings = settings.model_copy(update={"cache_dir": str(tmp_path)})
+    # No compiled step: building one in this fresh cache would take minutes (test_compiled.py tests it).
+    settings = settings.model_copy(update={"cache_dir": str(tmp_path), "compile": False})
     from_gguf = model.load(settings)  # first start: converts and saves
-    cache = model._converted_cache(settings, model.locate(settings))
+    cache = model.converted_cache(settings, model.locate(settings))
     assert (cache / "model.safetensors").is_file()
     from_cache = model.load(settings)  # later starts: the converted copy
 
@@ -113,7 +114,8 @@ def test_converted_copy_is_found_by_content_not_path(tmp_path):
 def test_converted_copy_loads_without_transformers_modelling_code(base_url):
     """A restart loads the default model's converted copy into the engine's own Llama module
     (backend/engine/llama.py) and its tokenizer directly: transformers' modelling code, whose
-    import was 1.3 s of each engine process's start, stays unimported."""
+    import was 1.3 s of each engine process's start, stays unimported; so does torch's compiler (the
+    compiled decode step loads through torch's C++ loader)."""
     import subprocess
     import sys
 
@@ -127,7 +129,7 @@ from backend.engine.llama import LlamaForCausalLM
 from backend.settings import ModelSettings
 loaded = load(ModelSettings.model_validate_json({settings!r}))
 assert isinstance(loaded.model, LlamaForCausalLM), type(loaded.model)
-heavy = [name for name in ("transformers.modeling_utils", "torch._dynamo", "fastapi") if name in sys.modules]
+heavy = [name for name in ("transformers.modeling_utils", "torch._dynamo", "torch._inductor", "fastapi") if name in sys.modules]
 assert not heavy, heavy
 print("ok")
 """

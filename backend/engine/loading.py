@@ -30,6 +30,7 @@ class LoadedModel:
     tokenizer: object
     context_length: int
     eos_token_ids: frozenset[int]
+    compiled: bool = False  # decode steps through the ahead-of-time compiled copy (compiled.py)
 
 
 def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedModel:
@@ -40,7 +41,7 @@ def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedMod
     instead (for `generate`, as the benchmark's baseline calls it)."""
     location = locate(settings)
     started = time.monotonic()
-    cache = _converted_cache(settings, location)
+    cache = converted_cache(settings, location)
     try:
         if cache and (cache / _COMPLETE).is_file():
             log.info("Loading model %s from its converted copy in %s", settings.served_name, cache)
@@ -67,7 +68,22 @@ def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedMod
         tokenizer=tokenizer,
         context_length=_context_length(model.config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
+        compiled=settings.compile and not transformers_model and _compile(model, settings, cache),
     )
+
+
+def _compile(model, settings: ModelSettings, cache: Path | None) -> bool:
+    from backend.engine import compiled
+
+    if not slots.supports(model):
+        log.warning("model.compile: %s is not a Llama-architecture model, whose decode step the engine "
+                    "compiles; it runs eagerly", settings.served_name)
+        return False
+    if not (cache and (cache / _COMPLETE).is_file()):
+        log.warning("model.compile: the compiled step is kept with the converted weights, which %s does not "
+                    "have (a GGUF source, and model.cache_dir set); it runs eagerly", settings.served_name)
+        return False
+    return compiled.attach(model, cache)
 
 
 def _load_source(location: ModelLocation, settings: ModelSettings):
@@ -157,7 +173,7 @@ _LAYOUT = 3
 _WEIGHTS = "model.safetensors"
 
 
-def _converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
+def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
     """The folder for a GGUF model's converted weights, named after what would change them."""
     if not (settings.cache_dir and location.gguf_file):
         return None

@@ -111,22 +111,36 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     and values into rows 0..rows-1 of `kv` at those positions. Returns the logits of the
     last position of each row ([rows, vocab]), or of position `last[row]` if given."""
     rows, width = tokens.shape
-    # Prompts (several positions a row) through the layers' bfloat16 copies where they have
-    # them, decode steps through the 4-bit codes: the first kernel is fast for many rows, the
-    # other for few. Chosen by the call, never by the batch, so a row's numbers do not depend
-    # on what else is read or decoded with it.
-    llama, layers = model.model, _fused_layers(model)[width > 1]
     length = int(positions.max()) + 1
     kv.make_room(length)
-    cos, signed_sin = (table[positions][:, None] for table in _rotary_tables(model))  # [rows, 1, t, head_dim]
+    keys, values = [k[:rows] for k in kv.keys], [v[:rows] for v in kv.values]
     # A query sees the cached columns at or before its own position.
     visible = (torch.arange(length) <= positions[..., None])[:, None]  # [rows, 1, t, length]
-    attend = _decode_attention(visible, kv.kv_heads, kv.dtype) if width == 1 else _prompt_attention(visible)
-    row_index = torch.arange(rows)[:, None]
+    llama = model.model
     hidden = llama.embed_tokens(tokens)
-    for layer, keys, values in zip(layers, kv.keys, kv.values):
+    # Prompts go through each layer's bfloat16 copy where it has one, decode steps through its
+    # 4-bit codes (in `DecodeStep`, or its compiled copy): the first kernel is fast for many rows,
+    # the other for few. Chosen by the call, never by the batch, so a row's numbers do not depend
+    # on what else is read or decoded with it.
+    if width == 1:
+        hidden = decode_step(model)(hidden, positions, keys, values, visible)
+    else:
+        hidden = _run_layers(_fused_layers(model)[1], _rotary_tables(model), hidden, positions, keys, values,
+                             _prompt_attention(visible))
+    hidden = hidden[:, -1] if last is None else hidden[torch.arange(rows), last]
+    return model.lm_head(F.rms_norm(hidden, hidden.shape[-1:], llama.norm.weight, llama.norm.variance_epsilon))
+
+
+def _run_layers(layers: list[_Layer], rotary: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+                positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], attend) -> torch.Tensor:
+    """The decoder layers over `hidden` [rows, t, hidden_size] at `positions` [rows, t]: each
+    layer writes its keys and values at those positions, then `attend`s to its cache."""
+    rows = positions.shape[0]
+    cos, signed_sin = (table[positions][:, None] for table in rotary)  # [rows, 1, t, head_dim]
+    row_index = torch.arange(rows)[:, None]
+    for layer, layer_keys, layer_values in zip(layers, keys, values):
         heads = layer.qkv(layer.norm(hidden, layer.input_norm))
-        heads = heads.view(rows, width, -1, layer.head_dim).transpose(1, 2)  # q, k and v heads in a row
+        heads = heads.view(rows, hidden.shape[1], -1, layer.head_dim).transpose(1, 2)  # q, k and v heads in a row
         # Rotary position, on q's and k's heads at once: x cos + rotate_half(x) sin, where
         # rotate_half(x) sin = roll(x, half) * (-sin | sin) (the sign is folded into the table).
         qk = heads[:, :layer.rotated_heads]
@@ -134,21 +148,59 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
         q, k, v = qk[:, :layer.query_heads], qk[:, layer.query_heads:], heads[:, layer.rotated_heads:]
         # keys[row, :, :, position] = k[row, :, i] and values[row, :, position] = v[row, :, i]
         # for each row and its i-th position
-        keys[row_index, :, :, positions] = k.transpose(1, 2)
-        values[row_index, :, positions] = v.transpose(1, 2)
-        out = attend(q, keys[:rows, ..., :length], values[:rows, :, :length], layer.scale)
-        hidden = hidden + layer.o_proj(out.reshape(rows, width, -1))
+        layer_keys[row_index, :, :, positions] = k.transpose(1, 2)
+        layer_values[row_index, :, positions] = v.transpose(1, 2)
+        out = attend(q, layer_keys, layer_values, layer.scale)
+        hidden = hidden + layer.o_proj(out.reshape(rows, hidden.shape[1], -1))
         gate, up = layer.gate_up(layer.norm(hidden, layer.post_norm)).chunk(2, dim=-1)
         hidden = hidden + layer.down_proj(F.silu(gate) * up)
-    hidden = hidden[:, -1] if last is None else hidden[torch.arange(rows), last]
-    return model.lm_head(F.rms_norm(hidden, hidden.shape[-1:], llama.norm.weight, llama.norm.variance_epsilon))
+    return hidden
+
+
+class DecodeStep(torch.nn.Module):
+    """A decode step's layers (one position a row) as a module of their own: what `forward`
+    runs eagerly, and what `compiled.py` exports and compiles ahead of time.
+
+    `forward(hidden [rows, 1, hidden_size], positions [rows, 1], keys, values, visible
+    [rows, 1, 1, length])`: keys and values are each layer's cache rows (full capacity; the
+    step writes its column in place), `visible` says which of the first `length` columns each
+    row attends to. Returns the last layer's output, [rows, 1, hidden_size]."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.layers = _fused_layers(model)[0]
+        # Registered, so that torch.export finds the weights as this module's own.
+        self.parts = torch.nn.ModuleList(torch.nn.ModuleList([layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj,
+                                                              layer.input_norm, layer.post_norm])
+                                         for layer in self.layers)
+        cos, signed_sin = _rotary_tables(model)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("signed_sin", signed_sin, persistent=False)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+        return _run_layers(self.layers, (self.cos, self.signed_sin), hidden, positions, keys, values,
+                           _decode_attention(visible, keys[0].shape[1], hidden.dtype))
+
+
+def decode_step(model: torch.nn.Module):
+    """What runs a decode step's layers: the compiled copy `compiled.attach` set, else `DecodeStep` eagerly."""
+    if (step := model.__dict__.get("_textbot_decode_step")) is None:
+        step = use_decode_step(model, DecodeStep(model))
+    return step
+
+
+def use_decode_step(model: torch.nn.Module, step):
+    # Kept outside the module tree: the model's state dict and modules stay the model's own.
+    model.__dict__["_textbot_decode_step"] = step
+    return step
 
 
 def _decode_attention(visible: torch.Tensor, kv_heads: int, dtype: torch.dtype):
     """Attention for one query per row: q [rows, heads, 1, head_dim] against transposed keys
-    [rows, kv_heads, head_dim, length] and values [rows, kv_heads, length, head_dim], as two
-    batched matmuls with each key head's query heads side by side (grouped-query attention
-    without repeating the keys). Returns [rows, 1, heads, head_dim]."""
+    [rows, kv_heads, head_dim, capacity] and values [rows, kv_heads, capacity, head_dim] (their
+    first `length` columns), as two batched matmuls with each key head's query heads side by
+    side (grouped-query attention without repeating the keys). Returns [rows, 1, heads, head_dim]."""
     rows, length = visible.shape[0], visible.shape[-1]
     # The mask as a bias added to the scores: the same for every layer, so built once a step.
     bias = torch.zeros(rows, kv_heads, 1, length, dtype=dtype).masked_fill_(~visible, float("-inf"))
@@ -156,8 +208,9 @@ def _decode_attention(visible: torch.Tensor, kv_heads: int, dtype: torch.dtype):
     def attend(q, keys, values, scale):
         heads = q.shape[1]
         q = q.reshape(rows * kv_heads, heads // kv_heads, -1)
-        scores = torch.baddbmm(bias.view(rows * kv_heads, 1, length), q, keys.flatten(0, 1), alpha=scale)
-        out = torch.bmm(scores.softmax(-1), values.flatten(0, 1))
+        scores = torch.baddbmm(bias.view(rows * kv_heads, 1, length), q, keys[..., :length].flatten(0, 1),
+                               alpha=scale)
+        out = torch.bmm(scores.softmax(-1), values[:, :, :length].flatten(0, 1))
         return out.view(rows, 1, heads, -1)
     return attend
 
@@ -165,9 +218,11 @@ def _decode_attention(visible: torch.Tensor, kv_heads: int, dtype: torch.dtype):
 def _prompt_attention(visible: torch.Tensor):
     """Attention for several queries per row (prompts): SDPA, over the keys as [length, head_dim]
     views. Returns [rows, t, heads, head_dim]."""
+    length = visible.shape[-1]
+
     def attend(q, keys, values, scale):
-        out = F.scaled_dot_product_attention(q, keys.transpose(-1, -2).contiguous(), values, attn_mask=visible,
-                                             scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, keys[..., :length].transpose(-1, -2).contiguous(),
+                                             values[:, :, :length], attn_mask=visible, scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
     return attend
 

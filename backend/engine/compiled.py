@@ -1,0 +1,164 @@
+"""Decode steps through a copy of the layers compiled ahead of time (`model.compile: true`).
+
+A decode step of a small model is some 1200 small torch ops (norms, rotary, the KV
+writes, casts around the int4 kernel); eagerly, each pays Python's and the dispatcher's
+toll, a third of the step at one row. torch.export traces `slots.DecodeStep` once, with
+the rows, the cache's capacity and the columns read as dynamic sizes, and AOTInductor
+compiles it to a shared library (the elementwise ops fused into C++ loops, the int4 and
+attention matmuls still torch's own kernels). Measured on this project's machine, the
+default model, one thread: in docs/BENCHMARKS.md.
+
+Why ahead of time, not `torch.compile` at start: compiling took 60-150 s a start here
+(tracing alone 35 s, and the on-disk caches did not shorten it), while a compiled package
+loads in under a second. So the first start builds it (minutes, and a C++ compiler) and
+keeps it beside the converted weights (`loading.py`), named after everything that would
+change it: torch's version, this CPU's instruction sets (the code is compiled for them),
+and the source of the step. `python -m backend.engine.compiled deploy.yaml` builds it
+ahead (`make run` and `make test` do). Without a compiler, or if building fails, the
+engine runs its steps eagerly and says why in its log.
+
+A row's numbers do not depend on the other rows in the step (tested), so a greedy reply is
+the same alone and batched; they differ from the eager step's in the last bits (fused
+float arithmetic), measured against float32 in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("slots.py", "quant.py")  # the code the compiled step is traced from
+_BUILD = 1  # how `build` exports and compiles it: a new value when that changes
+
+
+def package_path(folder: Path) -> Path:
+    """Where the compiled step of the model converted in `folder` is kept (without importing torch)."""
+    key = [str(_BUILD), importlib.metadata.version("torch"), platform.machine(), _cpu_flags()]
+    key += [Path(__file__).with_name(name).read_text() for name in _SOURCES]
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    return folder / f"decode-step-{digest}.pt2"
+
+
+def attach(model, folder: Path) -> bool:
+    """Put the compiled decode step on `model` (for `slots.decode_step`), building it first
+    if `folder` has none. Whether the model now has one; failures are logged, never raised."""
+    import torch
+
+    path = package_path(folder)
+    try:
+        if not path.is_file():
+            build(model, path)
+        started = time.monotonic()
+        from backend.engine import slots
+
+        slots.use_decode_step(model, _CompiledStep(str(path)))
+        log.info("Decode steps run compiled (%s, loaded in %.2f s)", path.name, time.monotonic() - started)
+        return True
+    except Exception as exc:  # no compiler, an export that fails on this model, a broken file
+        log.warning("Decode steps run eagerly: could not %s the compiled step %s (%s: %s)",
+                    "load" if path.is_file() else "build", path, type(exc).__name__, str(exc)[:500])
+        return False
+
+
+class _CompiledStep:
+    """The compiled package, called as `slots.DecodeStep` is.
+
+    Loaded with torch's own C++ loader rather than `torch._inductor.aoti_load_package`,
+    whose imports (torch._inductor, torch.export, hence torch._dynamo) took 1.4-2.9 s of
+    every engine process's start here; the inputs are flattened as `build` exported them."""
+
+    def __init__(self, path: str):
+        import torch
+
+        self._loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)  # CPU, one runner
+
+    def __call__(self, hidden, positions, keys, values, visible):
+        return self._loader.boxed_run([hidden, positions, *keys, *values, visible])[0]
+
+
+def build(model, path: Path) -> None:
+    """Export `slots.DecodeStep` with dynamic sizes and compile it into `path` (atomically:
+    written beside it, then moved there, so a replica starting meanwhile never loads half a file)."""
+    import torch
+
+    from backend.engine import slots
+
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        raise RuntimeError("no C++ compiler (c++ or $CXX) on PATH; install one (e.g. apt-get install g++)")
+    started = time.monotonic()
+    log.info("Compiling the decode step ahead of time (once for this model, torch and CPU: minutes)")
+    step = slots.DecodeStep(model).eval()
+    config = model.config
+    kv = slots.KV(model, rows=4, capacity=64)
+    hidden = torch.zeros(4, 1, config.hidden_size, dtype=kv.dtype)
+    positions = torch.tensor([[10], [20], [30], [40]])
+    visible = (torch.arange(41) <= positions[..., None])[:, None]
+    rows = torch.export.Dim("rows", min=1, max=1024)
+    capacity = torch.export.Dim("capacity", min=2, max=1 << 20)
+    length = torch.export.Dim("length", min=1, max=1 << 20)
+    with torch.inference_mode():
+        exported = torch.export.export(
+            step, (hidden, positions, kv.keys, kv.values, visible),
+            dynamic_shapes=({0: rows}, {0: rows}, [{0: rows, 3: capacity}] * len(kv.keys),
+                            [{0: rows, 2: capacity}] * len(kv.values), {0: rows, 3: length}))
+        staging = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")  # the packager wants .pt2
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(staging))
+    staging.rename(path)
+    log.info("Compiled the decode step to %s in %.0f s", path, time.monotonic() - started)
+    for stale in path.parent.glob("decode-step-*.pt2"):  # built by an older torch, CPU or source: never loaded again
+        if stale != path:
+            stale.unlink(missing_ok=True)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m backend.engine.compiled deploy.yaml`: build the compiled decode step of the
+    config's model if it asks for one (model.compile) and has none yet; quick when it has."""
+    import argparse
+
+    import yaml
+
+    from backend.settings import TextbotSettings
+
+    parser = argparse.ArgumentParser(prog="python -m backend.engine.compiled", description=main.__doc__)
+    parser.add_argument("config", type=Path, help="a Serve config such as deploy.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = yaml.safe_load(args.config.read_text())
+    for app in config.get("applications", []):
+        if app.get("import_path") != "backend.app:build_app":
+            continue
+        settings = TextbotSettings.model_validate(app.get("args") or {}).model
+        if not settings.compile:
+            continue
+        from backend.engine.loading import converted_cache
+        from backend.engine.location import locate
+
+        folder = converted_cache(settings, locate(settings))
+        if folder and package_path(folder).is_file():
+            continue
+        from backend.engine.loading import load
+
+        load(settings)  # builds it; a failure is logged, and the engine will run eagerly
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

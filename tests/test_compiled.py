@@ -1,0 +1,93 @@
+"""The compiled decode step (backend/engine/compiled.py): the default model decodes through
+it, a row's tokens do not depend on the rows beside it, its logits stay those of the eager
+step up to float rounding, and anything that keeps it from loading leaves the engine eager."""
+
+import logging
+
+import torch
+
+from backend.engine import compiled, slots
+from backend.engine.loading import load
+from backend.settings import ModelSettings
+from tests.conftest import app_config, load_deploy_config
+
+
+class _Request:
+    def __init__(self, ids: list[int]):
+        self.prompt_ids, self.next_token = ids, None
+
+
+def _greedy(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Each prompt read alone (prompts are not what is tested), then decoded together greedily."""
+    batch = slots.Batch(model, rows=len(prompts))
+    for ids in prompts:
+        rows = slots.read_whole(model, [slots.PromptReader(model, _Request(ids))])
+        rows.requests[0].next_token = int(rows.logits[0].argmax())
+        batch.add(rows)
+    replies = [[r.next_token] for r in batch.requests]
+    for _ in range(steps):
+        for request, reply, token in zip(batch.requests, replies, batch.step().argmax(-1).tolist()):
+            request.next_token = token
+            reply.append(token)
+    return replies
+
+
+def test_default_model_decodes_compiled_alone_as_in_a_batch_and_close_to_eager():
+    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    assert settings.compile  # deploy.yaml asks for it; `make test` built it before the tests
+    loaded = load(settings)
+    assert loaded.compiled
+    model, tokenizer = loaded.model, loaded.tokenizer
+    assert not isinstance(slots.decode_step(model), slots.DecodeStep)
+    question = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                                                              add_generation_prompt=True, tokenize=False))
+    others = [tokenizer.encode("The history of the printing press begins"), tokenizer.encode("def fib(n):")]
+    with torch.inference_mode():
+        alone = _greedy(model, [question], steps=24)[0]
+        beside_others = _greedy(model, [others[0], question, others[1]], steps=24)[1]
+        assert alone == beside_others
+
+        # The same step, compiled and eager, from the same cache: the numbers agree up to rounding.
+        compiled_step = slots.decode_step(model)
+        rows = slots.read_whole(model, [slots.PromptReader(model, _Request(question))])
+        kv = rows.kv
+        token, position = torch.tensor([[alone[0]]]), torch.tensor([[len(question)]])
+        logits = {}
+        for name, step in (("compiled", compiled_step), ("eager", slots.DecodeStep(model))):
+            slots.use_decode_step(model, step)
+            logits[name] = slots.forward(model, kv, token, position)[0]
+        slots.use_decode_step(model, compiled_step)
+    assert logits["compiled"].argmax() == logits["eager"].argmax()
+    scale = logits["eager"].abs().max()
+    print("compiled vs eager, largest logit difference:", float((logits["compiled"] - logits["eager"]).abs().max()),
+          "of", float(scale))
+    assert (logits["compiled"] - logits["eager"]).abs().max() < 0.02 * scale
+    assert tokenizer.decode(alone).strip()  # it said something
+
+
+def test_a_broken_compiled_step_leaves_decoding_eager(tiny_models, tmp_path, caplog):
+    model = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization="int4")).model
+    compiled.package_path(tmp_path).write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="backend.engine.compiled"):
+        assert compiled.attach(model, tmp_path) is False
+    assert "Decode steps run eagerly: could not load the compiled step" in caplog.text
+    assert isinstance(slots.decode_step(model), slots.DecodeStep)
+    with torch.inference_mode():  # and the model still decodes
+        assert len(_greedy(model, [[5, 6, 7]], steps=3)[0]) == 4
+
+
+def test_without_a_compiler_the_log_says_what_to_install(tiny_models, tmp_path, caplog, monkeypatch):
+    model = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization="int4")).model
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="backend.engine.compiled"):
+        assert compiled.attach(model, tmp_path) is False
+    assert "no C++ compiler" in caplog.text and "apt-get install g++" in caplog.text
+    assert not compiled.package_path(tmp_path).exists()
+
+
+def test_compile_on_a_model_without_converted_weights_runs_eagerly_and_says_why(tiny_models, caplog):
+    with caplog.at_level(logging.WARNING, logger="backend.engine.loading"):
+        loaded = load(ModelSettings(source=str(tiny_models["tiny-chat"]), compile=True))
+    assert loaded.compiled is False
+    assert "the compiled step is kept with the converted weights" in caplog.text
+    assert isinstance(slots.decode_step(loaded.model), slots.DecodeStep)
