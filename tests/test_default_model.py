@@ -97,7 +97,7 @@ def test_converted_copy_is_found_by_content_not_path(tmp_path):
     import os
     import shutil
 
-    from backend.engine.loading import _fingerprint
+    from backend.engine.location import _fingerprint
 
     first = tmp_path / "a" / "model.gguf"
     first.parent.mkdir()

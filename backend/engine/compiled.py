@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = TextbotSettings.model_validate(app.get("args") or {}).model
         if not settings.compile:
             continue
-        from backend.engine.loading import converted_cache
-        from backend.engine.location import locate
+        from backend.engine.location import converted_cache, locate
 
         folder = converted_cache(settings, locate(settings))
         if folder and package_path(folder).is_file():

@@ -4,6 +4,8 @@ replica starts, and that build step should not pay for torch's import."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,3 +66,36 @@ def _locate_in_package(source: str) -> ModelLocation:
         raise ModelLoadError(f"Package {package!r} has no file {filename!r}; found: "
                              f"{sorted(p.name for p in folder.iterdir())}.")
     return ModelLocation(str(folder), filename)
+
+
+# What loading.py saves (quant.quantize_model's layers); a new value when that changes, so an older copy is not
+# loaded into the new layers. 2: an int4 model's output layer in bfloat16, no longer two
+# 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts.
+_LAYOUT = 3
+
+
+def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
+    """The folder for a GGUF model's converted weights, named after what would change them."""
+    if not (settings.cache_dir and location.gguf_file):
+        return None
+    gguf = Path(location.path, location.gguf_file).resolve()
+    # torch's version too: the int4 kernel's packed layout is its own. Versions as installed,
+    # read without importing either (`python -m backend.engine.compiled` runs before every `make run`).
+    key = (f"{_fingerprint(gguf)}|{settings.dtype}|{settings.quantization}|"
+           f"{importlib.metadata.version('transformers')}|{importlib.metadata.version('torch')}|{_LAYOUT}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.quantization}-{settings.dtype}-{digest}"
+
+
+def _fingerprint(path: Path, slices: int = 16, slice_bytes: int = 1 << 16) -> str:
+    """What the file holds, cheaply: its size and a hash of `slices` slices spread over it.
+    Not its path and modification time, which every new virtualenv's install of the same
+    package changes: each left a converted copy of its own behind (28 copies, 10 GB, on
+    the machine this was written on) and paid for a conversion at its first start."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as file:
+        for i in range(slices):
+            file.seek(max(0, size - slice_bytes) * i // max(1, slices - 1))
+            digest.update(file.read(slice_bytes))
+    return digest.hexdigest()
