@@ -36,6 +36,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCES = ("slots.py", "quant.py")  # the code the compiled step is traced from
+_STAGING = ".tmp.pt2"  # a package being written (the packager wants names ending in .pt2)
 _BUILD = 2  # how `build` exports and compiles it: a new value when that changes
 
 
@@ -109,12 +110,15 @@ def build(model, path: Path) -> None:
             step, (hidden, positions, kv.keys, kv.values, visible),
             dynamic_shapes=({0: rows}, {0: rows}, [{0: rows, 3: capacity}] * len(kv.keys),
                             [{0: rows, 2: capacity}] * len(kv.values), {0: rows, 3: length}))
-        staging = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")  # the packager wants .pt2
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(staging))
-    staging.rename(path)
+        staging = path.with_name(f"{path.stem}.{os.getpid()}{_STAGING}")
+        try:
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(staging))
+            staging.rename(path)
+        finally:
+            staging.unlink(missing_ok=True)
     log.info("Compiled the decode step to %s in %.0f s", path, time.monotonic() - started)
     for stale in path.parent.glob("decode-step-*.pt2"):  # built by an older torch, CPU or source: never loaded again
-        if stale != path:
+        if stale != path and not stale.name.endswith(_STAGING):  # another process's build in progress
             stale.unlink(missing_ok=True)
 
 
