@@ -51,8 +51,6 @@ def package_path(folder: Path) -> Path:
 def attach(model, folder: Path) -> bool:
     """Put the compiled decode step on `model` (for `slots.decode_step`), building it first
     if `folder` has none. Whether the model now has one; failures are logged, never raised."""
-    import torch
-
     path = package_path(folder)
     try:
         if not path.is_file():

@@ -164,7 +164,6 @@ class VocabProjection(torch.nn.Module):
 
 
 _COMPLETE = "textbot-cache-complete"
-_COMPLETE = "textbot-cache-complete"
 _WEIGHTS = "model.safetensors"
 
 
