@@ -17,7 +17,9 @@ CPUs with the chat page's Gradio; the node runs without Ray's dashboard (a web U
 the REST API of `serve deploy`/`serve status`; Prometheus' exporter is the node's agent,
 not the dashboard): pass --include-dashboard=true to have it. Given two CPUs or more, the
 last is set aside for the model's engine process and everything else runs on the others
-(--engine-cpus; backend/engine/cpus.py says why).
+(--engine-cpus; backend/engine/cpus.py says why). Once the node answers, it starts the model's
+engine process (a warm engine, backend/engine/process.py), which imports torch and loads the
+weights while Serve starts; the model's replica adopts it.
 
     python -m backend.launch [--http-port 8000] [--metrics-port 8080] [--ray-port 6379] [--engine-cpus auto]
                              [ray start flags] deploy.yaml
@@ -28,17 +30,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from backend.engine.cpus import ENV as ENGINE_CPUS_ENV, parse as parse_cpus
+from backend.engine.process import WARM_ENGINE_ENV
+from backend.settings import TextbotSettings
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120
@@ -90,6 +97,10 @@ def main() -> int:
         # Engine processes claim these (backend/engine/cpus.py); the rest moves off them once the
         # model runs (deploy_first_application_first): while the node starts, it has every CPU.
         os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine_cpus)))
+    # Where the warm engine will wait, named now: Ray's processes (the replicas) inherit it from the node.
+    warm_socket = Path(tempfile.mkdtemp(prefix="textbot-warm-engine-")) / "engine.sock"
+    os.environ[WARM_ENGINE_ENV] = str(warm_socket)
+    warm_engine = None
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--disable-usage-stats",
                              # No dashboard unless asked for (a later flag wins): a dozen processes
                              # fewer to start on two CPUs; the metrics exporter does not need it.
@@ -115,6 +126,9 @@ def main() -> int:
         threading.Thread(target=report_metrics_port, args=(head, args.metrics_port), daemon=True).start()
         # As `serve run --address` does it: a driver whose workers' logs print here.
         ray.init(address=f"127.0.0.1:{args.ray_port}", namespace="serve")
+        # Not before: started with the node, it slowed the node's start as much as it saved
+        # (on two CPUs); from here it has seconds to load before the model's replica asks for it.
+        warm_engine = start_warm_engine(config, warm_socket)
         print(f"Running config file: '{args.config}'.", flush=True)
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                        proxy_location=schema.proxy_location,
@@ -139,6 +153,7 @@ def main() -> int:
             with contextlib.suppress(Exception):
                 sys.modules["ray"].shutdown()
         stop_node(head)
+        stop_warm_engine(warm_engine, warm_socket.parent)
         if address_file:
             forget_node(address_file, args.ray_port, address_before)
 
@@ -161,6 +176,40 @@ def cpus_for_engines(wanted: str, available: set[int]) -> set[int]:
     if not available - cpus:
         raise ValueError("that leaves no CPU for Ray and Serve: set fewer aside, or none")
     return cpus
+
+
+def start_warm_engine(config: dict, socket_path: Path) -> subprocess.Popen | None:
+    """The engine process for the model of the config's first application, started to load while
+    Serve starts, waiting at `socket_path` for the model's replica to adopt it
+    (backend/engine/process.py). None when that application is not Textbot's or its args do not
+    validate: Serve's build of it says why, as before."""
+    first = (config.get("applications") or [{}])[0]
+    if first.get("import_path") != "backend.app:build_app":
+        return None
+    try:
+        settings = TextbotSettings.model_validate(first.get("args") or {})
+    except ValidationError:
+        return None
+    engine = subprocess.Popen([sys.executable, "-m", "backend.engine.process", "--warm", str(socket_path),
+                               str(os.getpid()), settings.model.model_dump_json()],
+                              # Ctrl-C is for the launcher: the engine ends with its replica, or below.
+                              start_new_session=True,
+                              env=os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    # Reaped as soon as it exits, so that its replica, which waits for its pid to go, sees it go.
+    threading.Thread(target=engine.wait, name="warm-engine-reaper", daemon=True).start()
+    return engine
+
+
+def stop_warm_engine(engine: subprocess.Popen | None, folder: Path) -> None:
+    """Once the node has stopped: an adopted engine has ended with its replica; one that was
+    not adopted ends here."""
+    if engine and engine.poll() is None:
+        engine.terminate()
+        try:
+            engine.wait(10)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def ensure_auth_token() -> None:

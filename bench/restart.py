@@ -29,11 +29,13 @@ from bench.report import write_side_study
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_TOKEN_TIMEOUT_S = 180
 # Log lines that end each phase, in order, as the launcher prints them.
+# The warm engine (backend/engine/process.py) loads while Serve starts: its load may end before
+# the application is built; its replica adopts it after.
 PHASES = [("Ray's node", "Connected to Ray cluster."),
           ("Serve's controller and proxy", 'Started Serve in namespace "serve"'),
           ("building the application", "Imported and built app 'textbot' successfully"),
-          ("model replica, to the engine's load", "backend.engine.loading -- Loading model"),
-          ("engine's load", "backend.engine.loading -- Loaded "),
+          ("the engine's load", "backend.engine.loading -- Loaded "),
+          ("the model replica adopts the engine", "A model replica adopted this warm engine"),
           ]
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
 

@@ -79,7 +79,9 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
         assert reply.status_code == 200 and reply.text
         # The chat page: deployed once the model's application runs (backend/launch.py), so a little later.
         wait_for(lambda: httpx.get(f"{app}/", timeout=30).status_code == 200, 120, "the chat page at /")
-        check_the_engine_has_a_cpu_of_its_own(ray_tmp, last_cpu_free)
+        engine = check_the_engine_has_a_cpu_of_its_own(ray_tmp, last_cpu_free)
+        # Its one engine process is the warm engine the launcher started, adopted by the replica.
+        assert "A model replica adopted this warm engine" in log.read_text(), log.read_text()[-3000:]
 
         samples = wait_for(lambda: (s := textbot_samples(metrics, "textbot"))
                            .get("ray_textbot_completion_tokens_total", 0) >= 1 and s, 90,
@@ -103,6 +105,7 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
     print(f"Ctrl-C to `make run` ended: {stopped_s:.1f} s")
     assert stopped_s < 120, log.read_text()[-3000:]
     assert not leftovers, f"processes of `make run`'s Ray outlived it: {leftovers}"
+    assert wait_for(lambda: not _running(engine), 30, "the model's engine process to end with `make run`")
     assert wait_for(lambda: not any(map(port_open, (http_port, metrics_port, ray_port))), 30,
                     "make run's ports to close")
     assert not (ray_dir / "ray_current_cluster").exists(), "make run left its dead node as Ray's current cluster"
@@ -182,7 +185,7 @@ def test_a_stopped_node_is_forgotten_only_where_the_address_file_still_names_it(
     forget_node(tmp_path / "absent", ours, None)  # no file: nothing to do
 
 
-def check_the_engine_has_a_cpu_of_its_own(ray_tmp: str, last_cpu_free: bool) -> None:
+def check_the_engine_has_a_cpu_of_its_own(ray_tmp: str, last_cpu_free: bool) -> int:
     """Given two CPUs or more, `make run` sets the last aside for the engine (backend/engine/cpus.py):
     once the model runs (before the chat page is deployed), its node's processes run on the others,
     the chat page's replica among them, and its engine process on that one (if no other engine holds it)."""
@@ -195,6 +198,14 @@ def check_the_engine_has_a_cpu_of_its_own(ray_tmp: str, last_cpu_free: bool) -> 
     assert all(os.sched_getaffinity(pid) == others for pid in node), [os.sched_getaffinity(pid) for pid in node]
     expected = {max(usable)} if len(usable) >= 2 and last_cpu_free else others
     assert os.sched_getaffinity(engines[0]) == expected
+    return engines[0]
+
+
+def _running(pid: int) -> bool:
+    """Alive, not exited and waiting for its parent to reap it."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    return False
 
 
 def _mentions(proc: Path, what: str, text: str) -> bool:

@@ -21,6 +21,12 @@ itself, one small message.
                                   <--status-- load and health, twice a second
 
 The child exits when the replica goes (its socket closes), however the replica ends.
+
+A warm engine: `make run` (backend/launch.py) starts an engine process for the model in
+deploy.yaml before Ray's node, so that torch's import and the weights' load (seconds on two
+cores) happen while Ray and Serve start, not after. It waits on a Unix socket named in
+TEXTBOT_WARM_ENGINE; the first replica of this node to connect adopts it, and the socket goes.
+Any other replica, or one asking for another model, gets an engine process of its own.
 """
 
 from __future__ import annotations
@@ -32,9 +38,12 @@ import os
 import socket
 import subprocess
 import sys
+import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import SimpleNamespace
 
 from backend import errors
@@ -48,6 +57,9 @@ from backend.settings import EngineSettings, ModelSettings
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.5
+WARM_ENGINE_ENV = "TEXTBOT_WARM_ENGINE"
+# A warm engine answers its connection at once (it loads on another thread): longer means it is stuck.
+ADOPT_TIMEOUT_S = 10
 # Refusals the engine raises at submit, rebuilt on the replica's side by name.
 _REFUSALS = {cls.__name__: cls for cls in (errors.PromptTooLongError, errors.InvalidSamplingError,
                                            errors.EngineBusyError, ModelLoadError, ValueError)}
@@ -57,18 +69,15 @@ class EngineProcess:
     """The replica's side: what Textbot needs of an engine, answered by the engine process."""
 
     def __init__(self, model: ModelSettings, limits: EngineSettings, torch_threads: int | None = None):
-        mine, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._process = subprocess.Popen([sys.executable, "-m", "backend.engine.process", str(theirs.fileno())],
-                                         pass_fds=[theirs.fileno()], env=env)
-        theirs.close()
-        self._conn = Connection(mine.detach())
-        self._conn.send((model, limits, torch_threads))
+        self._conn, self._process = adopt_warm_engine() or start_engine_process()
+        # Ray sets OMP_NUM_THREADS to the replica's CPUs: resolved here, in the replica's environment,
+        # which a warm engine process was not started in.
+        self._conn.send((model, limits, torch_threads or int(os.environ.get("OMP_NUM_THREADS") or 1)))
         try:
             hello = self._conn.recv()  # the model loaded, or why not
         except EOFError:
             raise ModelLoadError(f"The engine process exited while loading the model "
-                                 f"(exit code {self._process.wait()}); its log says why.") from None
+                                 f"({_exit_code(self._process.wait())}); its log says why.") from None
         if hello[0] == "failed":
             self.shutdown()
             raise _REFUSALS.get(hello[1], RuntimeError)(hello[2])
@@ -193,7 +202,7 @@ class EngineProcess:
                     _call_soon(loop, _settle, future, ok, value)
         except (EOFError, OSError):
             pass
-        self._gone = f"The engine process exited (exit code {self._process.wait()})."
+        self._gone = f"The engine process exited ({_exit_code(self._process.wait())})."
         if not self._stopping:
             log.error(self._gone)
         for generation, loop in list(self._generations.values()):
@@ -202,6 +211,76 @@ class EngineProcess:
         self._generations.clear()
         for future, loop, _ in list(self._asks.values()):
             _call_soon(loop, _settle, future, False, GenerationError(self._gone))
+
+
+def start_engine_process() -> tuple[Connection, subprocess.Popen]:
+    mine, theirs = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    process = subprocess.Popen([sys.executable, "-m", "backend.engine.process", str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()], env=env)
+    theirs.close()
+    return Connection(mine.detach()), process
+
+
+def adopt_warm_engine() -> tuple[Connection, "_Adopted"] | None:
+    """The warm engine process waiting at TEXTBOT_WARM_ENGINE, now this replica's; None when
+    there is none, or another replica took it first."""
+    if not (path := os.environ.get(WARM_ENGINE_ENV)):
+        return None
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+    except OSError:  # gone: adopted already, or never started
+        sock.close()
+        return None
+    conn = Connection(sock.detach())
+    try:
+        if conn.poll(ADOPT_TIMEOUT_S):
+            _, pid = conn.recv()  # ("adopted", pid); the end of the file if another replica was first
+            return conn, _Adopted(pid)
+    except (EOFError, OSError):
+        pass
+    conn.close()
+    return None
+
+
+class _Adopted:
+    """What EngineProcess needs of a Popen, for an engine process the launcher started (and
+    reaps when it exits: then its pid is gone here)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the process has exited; its exit code is the launcher's to know."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while _alive(self.pid):
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"engine process {self.pid}", timeout)
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # exited but not yet reaped by its parent
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _exit_code(code: int | None) -> str:
+    return "exit code unknown" if code is None else f"exit code {code}"
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
@@ -226,12 +305,9 @@ def _settle(future: asyncio.Future, ok: bool, value) -> None:
 # ---- The engine process ---------------------------------------------------------
 
 
-def serve(conn: Connection) -> None:
-    """Load the model, then answer the replica until it goes."""
-    from backend.conversation import fit_to_context
-    from backend.engine.engine import Engine
-    from backend.engine.loading import load
-
+def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) -> None:
+    """Load the model (or take it from `warm`, the model loaded ahead, if it is the one asked
+    for), then answer the replica until it goes."""
     send_lock = threading.Lock()
 
     def send(message) -> None:
@@ -239,15 +315,20 @@ def serve(conn: Connection) -> None:
             conn.send(message)
 
     model, limits, torch_threads = conn.recv()
-    # Before the decode loop's threads start, so they inherit it. Ray sets OMP_NUM_THREADS
-    # to the replica's CPUs, which is what torch then uses.
-    if pinned := cpus.pin_engine(torch_threads or int(os.environ.get("OMP_NUM_THREADS") or 1)):
+    # Before the decode loop's threads start, so they inherit it (threads that loading
+    # started are moved too).
+    if pinned := cpus.pin_engine(torch_threads):
         log.info("The engine runs on CPU %s, set aside for it (%s)", ",".join(map(str, pinned)), cpus.ENV)
     try:
-        loaded = load(model)
+        loaded = _loaded_ahead(warm, model) or _load(model)
     except Exception as exc:  # noqa: BLE001 - the replica raises it with its message
         send(("failed", type(exc).__name__, str(exc)))
         return
+    # Imported here, not before: a warm engine's loading thread imports them too, and
+    # transformers' lazy modules do not take two threads importing at once.
+    from backend.conversation import fit_to_context
+    from backend.engine.engine import Engine
+
     generations: dict[int, Generation] = {}
 
     def deliver(generation: Generation, item) -> None:
@@ -298,15 +379,69 @@ def serve(conn: Connection) -> None:
     engine.shutdown()
 
 
+def _loaded_ahead(warm: tuple[ModelSettings, Future] | None, model: ModelSettings):
+    """The warm engine's model, if it is `model` and loaded; else None (then it is loaded
+    again, and a failure is reported as the replica's own load would be)."""
+    if warm is None:
+        return None
+    wanted, loading = warm
+    try:
+        loaded = loading.result()  # also when unwanted: one thread imports and loads at a time
+    except Exception:  # noqa: BLE001 - loaded again, to fail with its message
+        return None
+    if wanted != model:
+        log.info("The replica asked for another model than the one loaded ahead: loading %s", model.source)
+        return None
+    return loaded
+
+
+def _load(model: ModelSettings):
+    """The model, with what the engine runs it with imported (seconds of a start: a warm
+    engine does it before its replica asks)."""
+    import backend.engine.engine  # noqa: F401
+    from backend.engine.loading import load
+
+    return load(model)
+
+
+def wait_to_be_adopted(path: str, launcher: int, model: ModelSettings) -> tuple[Connection, tuple[ModelSettings, Future]]:
+    """The warm engine: load `model` while listening at `path` for the first replica, then
+    stop listening. Exits if its launcher (the parent, pid `launcher`) goes first: nobody else
+    would adopt it. The pid is given, not read here: the launcher may be gone already."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    listener.settimeout(1.0)
+    loading = ThreadPoolExecutor(1, thread_name_prefix="load-ahead").submit(_load, model)
+    log.info("A warm engine: loading %s ahead, for the first model replica to adopt", model.source)
+    while True:
+        try:
+            sock, _ = listener.accept()
+            break
+        except TimeoutError:
+            if os.getppid() != launcher:
+                os._exit(0)
+    listener.close()
+    Path(path).unlink(missing_ok=True)
+    sock.setblocking(True)
+    conn = Connection(sock.detach())
+    conn.send(("adopted", os.getpid()))
+    log.info("A model replica adopted this warm engine")
+    return conn, (model, loading)
+
+
 def _param(exc: Exception) -> tuple:
     return (exc.param,) if isinstance(exc, errors.InvalidSamplingError) else ()
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine %(name)s -- %(message)s")
-    conn = Connection(int(sys.argv[1]))
     try:
-        serve(conn)
+        if sys.argv[1] == "--warm":  # python -m backend.engine.process --warm SOCKET LAUNCHER_PID MODEL_SETTINGS_JSON
+            conn, warm = wait_to_be_adopted(sys.argv[2], int(sys.argv[3]), ModelSettings.model_validate_json(sys.argv[4]))
+        else:  # python -m backend.engine.process FD, started by its replica
+            conn, warm = Connection(int(sys.argv[1])), None
+        serve(conn, warm)
     except (EOFError, OSError):
         pass  # the replica went away
     # Not a normal exit: it would wait for the decode loop's thread mid-step.
