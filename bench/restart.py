@@ -137,12 +137,14 @@ def markdown(run: dict) -> str:
              + " | first token in the replica ms |",
              "| --- | --- | ---: |" + " ---: |" * len(PHASES) + " ---: |"]
     for name, rounds in run["runs"].items():
-        medians = [statistics.median([r["phase_ends_s"][phase] for r in rounds if phase in r["phase_ends_s"]] or [0])
+        # A phase an older checkout does not log (the warm engine's adoption) shows as -.
+        medians = [statistics.median(ends) if (ends := [r["phase_ends_s"][phase] for r in rounds
+                                                         if phase in r["phase_ends_s"]]) else None
                    for phase, _ in PHASES]
         ttfts = [r["replica_ttft_ms"] for r in rounds if r["replica_ttft_ms"] is not None]
         lines.append(f"| {name} ({run['checkouts'][name]}) | {', '.join(str(r['first_byte_s']) for r in rounds)} | "
                      f"{statistics.median(r['first_byte_s'] for r in rounds):.2f} | "
-                     + " | ".join(f"{m:.2f}" for m in medians)
+                     + " | ".join("-" if m is None else f"{m:.2f}" for m in medians)
                      + f" | {f'{statistics.median(ttfts):.0f}' if ttfts else '-'} |")
     return "\n".join(lines) + "\n"
 
