@@ -23,8 +23,8 @@ itself, one small message.
 The child exits when the replica goes (its socket closes), however the replica ends.
 
 A warm engine: `make run` (backend/launch.py) starts an engine process for the model in
-deploy.yaml before Ray's node, so that torch's import and the weights' load (seconds on two
-cores) happen while Ray and Serve start, not after. It waits on a Unix socket named in
+deploy.yaml once Ray's node answers, so that torch's import and the weights' load (seconds on
+two cores) happen while Serve starts and builds the application, not after. It waits on a Unix socket named in
 TEXTBOT_WARM_ENGINE; the first replica of this node to connect adopts it, and the socket goes.
 Any other replica, or one asking for another model, gets an engine process of its own.
 """
@@ -35,10 +35,10 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
