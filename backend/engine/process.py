@@ -396,12 +396,17 @@ def _loaded_ahead(warm: tuple[ModelSettings, Future] | None, model: ModelSetting
 
 
 def _load(model: ModelSettings):
-    """The model, with what the engine runs it with imported (seconds of a start: a warm
-    engine does it before its replica asks)."""
+    """The model, with what the engine runs it with imported and its weights laid out as
+    the Engine would lay them out (seconds of a start: a warm engine does it before its
+    replica asks)."""
     import backend.engine.engine  # noqa: F401
+    from backend.engine import slots
     from backend.engine.loading import load
 
-    return load(model)
+    loaded = load(model)
+    if slots.supports(loaded.model):
+        slots.prepare(loaded.model)
+    return loaded
 
 
 def wait_to_be_adopted(path: str, launcher: int, model: ModelSettings) -> tuple[Connection, tuple[ModelSettings, Future]]:
