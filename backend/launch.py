@@ -44,7 +44,7 @@ import yaml
 from pydantic import ValidationError
 
 from backend.engine.cpus import ENV as ENGINE_CPUS_ENV, parse as parse_cpus
-from backend.engine.process import WARM_ENGINE_ENV
+from backend.engine import process as engine_process
 from backend.settings import TextbotSettings
 
 BIN = Path(sys.executable).parent
@@ -99,7 +99,7 @@ def main() -> int:
         os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine_cpus)))
     # Where the warm engine will wait, named now: Ray's processes (the replicas) inherit it from the node.
     warm_socket = Path(tempfile.mkdtemp(prefix="textbot-warm-engine-")) / "engine.sock"
-    os.environ[WARM_ENGINE_ENV] = str(warm_socket)
+    os.environ[engine_process.WARM_ENGINE_ENV] = str(warm_socket)
     warm_engine = None
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--disable-usage-stats",
                              # No dashboard unless asked for (a later flag wins): a dozen processes
@@ -190,11 +190,8 @@ def start_warm_engine(config: dict, socket_path: Path) -> subprocess.Popen | Non
         settings = TextbotSettings.model_validate(first.get("args") or {})
     except ValidationError:
         return None
-    engine = subprocess.Popen([sys.executable, "-m", "backend.engine.process", "--warm", str(socket_path),
-                               str(os.getpid()), settings.model.model_dump_json()],
-                              # Ctrl-C is for the launcher: the engine ends with its replica, or below.
-                              start_new_session=True,
-                              env=os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    # Ctrl-C is for the launcher: the engine ends with its replica, or in stop_warm_engine.
+    engine = engine_process.start_warm_engine(socket_path, settings.model, start_new_session=True)
     # Reaped as soon as it exits, so that its replica, which waits for its pid to go, sees it go.
     threading.Thread(target=engine.wait, name="warm-engine-reaper", daemon=True).start()
     return engine

@@ -10,18 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine.process import WARM_ENGINE_ENV, EngineProcess
+from backend.engine.process import WARM_ENGINE_ENV, EngineProcess, start_warm_engine
 from backend.protocol import ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings
 from tests.conftest import ROOT
-from tests.processes import wait_for
+from tests.processes import running, wait_for
 
 GREEDY = ResolvedSampling(max_new_tokens=12, temperature=0.0, top_p=1.0)
-
-
-def start_warm(socket_path: Path, model: ModelSettings) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "backend.engine.process", "--warm", str(socket_path),
-                             str(os.getpid()), model.model_dump_json()], cwd=ROOT)
 
 
 async def reply(engine: EngineProcess, prompt: str = "Hello there") -> list[str]:
@@ -38,7 +33,7 @@ def warm_socket(tmp_path, monkeypatch) -> Path:
 
 def test_the_first_replica_adopts_the_warm_engine_the_next_gets_its_own(tiny_models, warm_socket):
     model = ModelSettings(source=str(tiny_models["tiny-chat"]))
-    warm = start_warm(warm_socket, model)
+    warm = start_warm_engine(warm_socket, model)
     try:
         wait_for(warm_socket.exists, 60, "the warm engine's socket")
         first = EngineProcess(model, EngineSettings(), 1)
@@ -62,7 +57,7 @@ def test_the_first_replica_adopts_the_warm_engine_the_next_gets_its_own(tiny_mod
 
 def test_a_replica_asking_for_another_model_gets_that_model(tiny_models, warm_socket):
     loaded_ahead, asked = (ModelSettings(source=str(tiny_models[name])) for name in ("tiny-chat", "tiny-gpt2"))
-    warm = start_warm(warm_socket, loaded_ahead)
+    warm = start_warm_engine(warm_socket, loaded_ahead)
     try:
         wait_for(warm_socket.exists, 60, "the warm engine's socket")
         engine = EngineProcess(asked, EngineSettings(), 1)
@@ -79,15 +74,15 @@ def test_a_replica_asking_for_another_model_gets_that_model(tiny_models, warm_so
 def test_a_warm_engine_nobody_adopts_ends_with_its_launcher(tiny_models, tmp_path):
     """Its launcher killed outright (no clean-up ran): the engine must not wait on forever."""
     launcher = subprocess.run(
-        [sys.executable, "-c", "import os, subprocess as s, sys; "
-         "print(s.Popen([*sys.argv[1:5], str(os.getpid()), *sys.argv[5:]], stdout=s.DEVNULL, stderr=s.DEVNULL).pid)",
-         sys.executable, "-m", "backend.engine.process", "--warm", str(tmp_path / "engine.sock"),
-         ModelSettings(source=str(tiny_models["tiny-chat"])).model_dump_json()],
+        [sys.executable, "-c", "import subprocess, sys; from backend.engine.process import start_warm_engine; "
+         "from backend.settings import ModelSettings; "
+         "print(start_warm_engine(sys.argv[1], ModelSettings.model_validate_json(sys.argv[2]), "
+         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)",
+         str(tmp_path / "engine.sock"), ModelSettings(source=str(tiny_models["tiny-chat"])).model_dump_json()],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert launcher.returncode == 0, launcher.stderr[-2000:]
     engine_pid = int(launcher.stdout)
-    wait_for(lambda: not Path(f"/proc/{engine_pid}").exists()
-             or Path(f"/proc/{engine_pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z", 90,
-             "the orphaned warm engine to exit")
+    wait_for(lambda: not running(engine_pid), 90, "the orphaned warm engine to exit")
 
 
 def test_without_a_warm_engine_a_replica_starts_its_own(tiny_models, warm_socket):

@@ -23,9 +23,10 @@ itself, one small message.
 The child exits when the replica goes (its socket closes), however the replica ends.
 
 A warm engine: `make run` (backend/launch.py) starts an engine process for the model in
-deploy.yaml once Ray's node answers, so that torch's import and the weights' load (seconds on
-two cores) happen while Serve starts and builds the application, not after. It waits on a Unix socket named in
-TEXTBOT_WARM_ENGINE; the first replica of this node to connect adopts it, and the socket goes.
+deploy.yaml once Ray's node answers, so that torch's import and the weights' load (seconds
+on two cores) happen while Serve starts and builds the application, not after. It waits on
+a Unix socket named in TEXTBOT_WARM_ENGINE; the first replica of this node to connect adopts
+it, and the socket goes.
 Any other replica, or one asking for another model, gets an engine process of its own.
 """
 
@@ -213,13 +214,24 @@ class EngineProcess:
             _call_soon(loop, _settle, future, False, GenerationError(self._gone))
 
 
-def start_engine_process() -> tuple[Connection, subprocess.Popen]:
-    mine, theirs = socket.socketpair()
+def _engine_process(*args: str, **popen) -> subprocess.Popen:
+    """`python -m backend.engine.process ARGS` (see main), importing what this process imports."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    process = subprocess.Popen([sys.executable, "-m", "backend.engine.process", str(theirs.fileno())],
-                               pass_fds=[theirs.fileno()], env=env)
+    return subprocess.Popen([sys.executable, "-m", "backend.engine.process", *args], env=env, **popen)
+
+
+def start_engine_process() -> tuple[Connection, subprocess.Popen]:
+    """An engine process of this replica's own, and the socket to it."""
+    mine, theirs = socket.socketpair()
+    process = _engine_process(str(theirs.fileno()), pass_fds=[theirs.fileno()])
     theirs.close()
     return Connection(mine.detach()), process
+
+
+def start_warm_engine(socket_path: Path, model: ModelSettings, **popen) -> subprocess.Popen:
+    """A warm engine loading `model`, for a replica to adopt at `socket_path`; it exits if this
+    process (its launcher) goes before one does."""
+    return _engine_process("--warm", str(socket_path), str(os.getpid()), model.model_dump_json(), **popen)
 
 
 def adopt_warm_engine() -> tuple[Connection, "_Adopted"] | None:
