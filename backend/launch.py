@@ -69,16 +69,16 @@ def main() -> int:
     http_host = http_options.get("host", "127.0.0.1")  # Serve's defaults
     http_port = args.http_port or http_options.get("port", 8000)
 
-    # Before anything starts: a second `make run` would otherwise end in a Ray traceback.
-    wanted = [(http_port, "HTTP", http_host), (args.metrics_port, "METRICS", ""), (args.ray_port, "RAY", "")]
-    if taken := [(port, what) for port, what, host in wanted if not port_is_free(host, port)]:
-        sys.exit(ports_taken_sentence(taken))
-
+    # A wrong flag is said first, whatever else runs on this machine (a `make run` serving, say).
     try:
         engine_cpus = cpus_for_engines(args.engine_cpus, os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
                                        else set(range(os.cpu_count() or 1)))
     except ValueError as exc:
         parser.error(f"--engine-cpus: {exc}")
+    # Before anything starts: a second `make run` would otherwise end in a Ray traceback.
+    wanted = [(http_port, "HTTP", http_host), (args.metrics_port, "METRICS", ""), (args.ray_port, "RAY", "")]
+    if taken := [(port, what) for port, what, host in wanted if not port_is_free(host, port)]:
+        sys.exit(ports_taken_sentence(taken))
     http_options["port"] = http_port
     if "RAY_AUTH_MODE" not in os.environ:
         # Ray 2.60's head turns token auth on when it finds a token (~/.ray/auth_token), but a
