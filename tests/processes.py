@@ -35,10 +35,3 @@ def kill_processes_mentioning(text: str) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return list(left.values())
-
-
-def running(pid: int) -> bool:
-    """Alive: neither gone nor exited and waiting for its parent to reap it."""
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    return False

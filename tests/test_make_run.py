@@ -26,9 +26,10 @@ import httpx
 import yaml
 
 from backend.engine import cpus
+from backend.engine.process import alive
 from backend.launch import forget_node
 from tests.conftest import ROOT, free_port
-from tests.processes import kill_processes_mentioning, running, wait_for
+from tests.processes import kill_processes_mentioning, wait_for
 from tests.test_operations import textbot_samples
 
 # In a fresh process, after `make run` has stopped: a later Ray start, first as any script
@@ -105,7 +106,7 @@ def test_make_run_serves_then_ctrl_c_leaves_nothing_a_later_ray_start_follows(tm
     print(f"Ctrl-C to `make run` ended: {stopped_s:.1f} s")
     assert stopped_s < 120, log.read_text()[-3000:]
     assert not leftovers, f"processes of `make run`'s Ray outlived it: {leftovers}"
-    assert wait_for(lambda: not running(engine), 30, "the model's engine process to end with `make run`")
+    assert wait_for(lambda: not alive(engine), 30, "the model's engine process to end with `make run`")
     assert wait_for(lambda: not any(map(port_open, (http_port, metrics_port, ray_port))), 30,
                     "make run's ports to close")
     assert not (ray_dir / "ray_current_cluster").exists(), "make run left its dead node as Ray's current cluster"

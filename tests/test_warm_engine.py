@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine.process import WARM_ENGINE_ENV, EngineProcess, start_warm_engine
+from backend.engine.process import WARM_ENGINE_ENV, EngineProcess, alive, start_warm_engine
 from backend.protocol import ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings
 from tests.conftest import ROOT
-from tests.processes import running, wait_for
+from tests.processes import wait_for
 
 GREEDY = ResolvedSampling(max_new_tokens=12, temperature=0.0, top_p=1.0)
 
@@ -82,7 +82,7 @@ def test_a_warm_engine_nobody_adopts_ends_with_its_launcher(tiny_models, tmp_pat
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert launcher.returncode == 0, launcher.stderr[-2000:]
     engine_pid = int(launcher.stdout)
-    wait_for(lambda: not running(engine_pid), 90, "the orphaned warm engine to exit")
+    wait_for(lambda: not alive(engine_pid), 90, "the orphaned warm engine to exit")
 
 
 def test_without_a_warm_engine_a_replica_starts_its_own(tiny_models, warm_socket):

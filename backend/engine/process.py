@@ -266,7 +266,7 @@ class _Adopted:
     def wait(self, timeout: float | None = None) -> None:
         """Until the process has exited; its exit code is the launcher's to know."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while _alive(self.pid):
+        while alive(self.pid):
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(f"engine process {self.pid}", timeout)
             time.sleep(0.05)
@@ -278,7 +278,8 @@ class _Adopted:
             pass
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs: neither gone nor exited and waiting for its parent to reap it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
