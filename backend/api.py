@@ -233,7 +233,16 @@ class TextbotAPI:
 
     @api.get("/v1/models", response_model=ModelList, summary="The served model")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.started)])
+        try:
+            served = await asyncio.wait_for(self.textbot.ready.remote(), HEALTH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - loading, restarting or gone: listed, as not loaded
+            served = None
+        card = ModelCard(id=self.model_name, created=self.started, loaded=served is not None,
+                         quantization=self.settings.model.quantization)
+        if served:
+            card.context_length = served["context_length"]
+            card.engine, card.engine_reason = ("transformers", served["fallback"]) if served["fallback"] else ("textbot", None)
+        return ModelList(data=[card])
 
     @api.websocket("/")
     async def chat_socket(self, ws: WebSocket) -> None:

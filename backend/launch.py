@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -80,12 +81,8 @@ def main() -> int:
     if taken := [(port, what) for port, what, host in wanted if not port_is_free(host, port)]:
         sys.exit(ports_taken_sentence(taken))
     http_options["port"] = http_port
-    if "RAY_AUTH_MODE" not in os.environ:
-        # Ray 2.60's head turns token auth on when it finds a token (~/.ray/auth_token), but a
-        # client given an explicit address, like ours below, only when RAY_AUTH_MODE says so.
-        # Say it once, for both; with a token made if there is none, as ray.init() does.
-        ensure_auth_token()
-        os.environ["RAY_AUTH_MODE"] = "token"
+    # Ray reads its environment once, at its first import: all of it is decided before that.
+    settle_ray_auth()
 
     def stop_serving(signum, frame) -> None:
         # Ctrl-C in a terminal, or SIGTERM from a process manager: the same clean stop.
@@ -209,17 +206,30 @@ def stop_warm_engine(engine: subprocess.Popen | None, folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def ensure_auth_token() -> None:
-    """`ray get-auth-token --generate`, without starting a second Ray CLI for it: a token
-    from the environment or a token file is kept; else one is made and saved."""
-    if os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH")
-                                                 or Path.home() / ".ray" / "auth_token").is_file():
-        return
-    from ray._private.authentication.authentication_token_setup import generate_and_save_token
-    from ray._raylet import AuthenticationTokenLoader
+def settle_ray_auth() -> None:
+    """Token auth for the node and for this driver, with a token made if there is none.
 
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        generate_and_save_token()
+    Ray 2.60's head turns token auth on when it finds a token (~/.ray/auth_token), but a
+    client given an explicit address, like ours, only when RAY_AUTH_MODE says so; so it is said
+    once, for both. It must be said before Ray is first imported, here or anywhere: Ray fixes its
+    auth mode at that import. Making the token with Ray's own helper imported Ray too early, and
+    on a machine that had never run Ray the driver ran with auth off against a head that demanded
+    the new token (issue 27). So the token is written here, as `ray get-auth-token --generate`
+    writes it: 32 random bytes in hex, where Ray looks for it."""
+    if "ray" in sys.modules:
+        raise RuntimeError("Ray was imported before its environment was settled: its auth mode is already fixed")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two launchers starting at once on a new machine must not write two tokens.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_hex(32))
 
 
 def deploy_first_application_first(client, schema, head: subprocess.Popen, engine_cpus: set[int]) -> None:

@@ -118,9 +118,10 @@ class Textbot:
         self._report()  # keeps the gauges reported while idle
 
     def ready(self) -> dict:
-        """For the ingress's /health: the model's name, once this replica can serve."""
+        """For the ingress's /health and /v1/models: the model as this replica serves it, once it can."""
         self.check_health()
-        return {"model": self.engine.name}
+        return {"model": self.engine.name, "context_length": self.engine.context_length,
+                "fallback": self.engine.fallback}
 
     async def stats(self) -> dict:
         """This replica's generations in flight, prefix cache and resident memory (its own

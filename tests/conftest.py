@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Ray's workers inherit the environment of the first ray.init: let them import
@@ -27,12 +28,6 @@ API_KEY = "test-key-not-a-secret"
 PAGE_LOGIN = ("ada", "lovelace-1815")
 TINY_APPS = {"tiny-chat": "build_tiny_chat_model", "tiny-gpt2": "build_tiny_gpt2",
              "tiny-broken": "build_broken_model", "tiny-slow": "build_slow_chat_model"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_deploy_config() -> dict:

@@ -9,7 +9,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import API_KEY, PAGE_LOGIN
-from tests.test_chat_page import page_client
+from tests.helpers.page import page_client
 
 HELLO = [{"role": "user", "content": "Hello"}]
 

@@ -12,7 +12,7 @@ import ray
 from playwright.sync_api import Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_chat_page import FIGURES
+from tests.helpers.page import FIGURES
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

@@ -4,43 +4,9 @@ function's handling of Gradio's history."""
 import re
 
 import pytest
-from gradio_client import Client
 
+from tests.helpers.page import FIGURES, GREEDY_INPUTS, figures_of, finished, page_client, partials
 from ui.chat import to_messages
-
-GREEDY_INPUTS = ("", 0.0, 1.0, 16)  # system prompt, temperature, top_p, max new tokens
-FIGURES = re.compile(r"^\d+ tokens? · \d+\.\d\d s to first token · \d+\.\d tokens/s · \d+ of \d+ prompt tokens cached$")
-
-
-def page_client(url: str, **kwargs) -> Client:
-    """gradio_client with room to wait: it posts each job with httpx's default 5 s timeout,
-    which a loaded CI machine's page replica once missed ("timed out" instead of the
-    page's answer). The bound says "not hung", not how fast."""
-    return Client(url, verbose=False, httpx_kwargs={"timeout": 60}, **kwargs)
-
-
-def reply_of(output) -> str:
-    """An update of /chat: the reply so far (a string), or at the end the reply and its
-    figures note (a list of messages)."""
-    if isinstance(output, str):
-        return output
-    return next(m["content"] for m in output if not (m.get("metadata") or {}).get("title"))
-
-
-def figures_of(output) -> dict:
-    return next(m["metadata"] for m in output if (m.get("metadata") or {}).get("title"))
-
-
-def finished(client: Client, message: str, inputs=GREEDY_INPUTS) -> list:
-    job = client.submit(message, *inputs, api_name="/chat")
-    list(job)  # drain the stream
-    assert job.status().success, "the chat page reported an error"
-    return [output for output in job.outputs() if output]
-
-
-def partials(client: Client, message: str, inputs=GREEDY_INPUTS) -> list[str]:
-    return [reply_of(output) for output in finished(client, message, inputs)]
-
 
 def test_partials_grow_into_the_reply(tiny_page_url):
     client = page_client(tiny_page_url)

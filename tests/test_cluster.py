@@ -23,8 +23,9 @@ import pytest
 import yaml
 
 from backend.launch import stop_node
-from tests.conftest import ROOT, app_config, free_port, load_deploy_config
-from tests.processes import kill_processes_mentioning, wait_for
+from tests.conftest import ROOT, app_config, load_deploy_config
+from tests.helpers.ports import free_port
+from tests.helpers.processes import kill_processes_mentioning, wait_for
 
 BIN = Path(sys.executable).parent
 

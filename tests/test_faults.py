@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import ray
-from ray import serve
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.processes import wait_for
+from tests.helpers.processes import wait_for
 
 HELLO = [{"role": "user", "content": "Hello"}]
 SAMPLED = {"temperature": 1.0, "max_tokens": 8}  # sampling from NaN logits raises

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,10 @@ import yaml
 from backend.engine import cpus
 from backend.engine.process import alive
 from backend.launch import forget_node
-from tests.conftest import ROOT, free_port
-from tests.processes import kill_processes_mentioning, wait_for
-from tests.test_operations import textbot_samples
+from tests.conftest import ROOT
+from tests.helpers.processes import kill_processes_mentioning, wait_for
+from tests.helpers.metrics import textbot_samples
+from tests.helpers.ports import free_port, listening, port_open
 
 # In a fresh process, after `make run` has stopped: a later Ray start, first as any script
 # starts one (ray.init() with no address: it follows ray_current_cluster), then as the test
@@ -207,19 +207,3 @@ def _mentions(proc: Path, what: str, text: str) -> bool:
         return text in (proc / what).read_bytes().decode(errors="replace")
     return False
 
-
-@contextlib.contextmanager
-def listening():
-    """A port held by a listening socket, as a serving `make run` holds its ports."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        yield server.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False

@@ -15,8 +15,15 @@ def client(base_url):
 HELLO = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello."}]
 
 
-def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+def test_models_lists_the_served_model(client, base_url):
+    [card] = client.models.list().data
+    assert card.id == "tiny-chat"
+    # What a client needs beyond OpenAI's card: the context, the weights as run, and the engine's path.
+    assert (card.loaded, card.context_length, card.quantization, card.engine, card.engine_reason) == \
+        (True, 4096, "int4", "textbot", None)
+    # GPT-2 has no family file: it runs on transformers' forward, and the card says why.
+    [gpt2] = OpenAI(base_url=f"{base_url}/tiny-gpt2/v1", api_key="unused", max_retries=0).models.list().data
+    assert gpt2.engine == "transformers" and "'gpt2' architecture has no family file" in gpt2.engine_reason
 
 
 def test_non_streaming_completion_with_usage(client):

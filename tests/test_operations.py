@@ -6,23 +6,10 @@ import json
 import os
 import time
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.metrics import textbot_samples
 
 HELLO = [{"role": "user", "content": "A secret prompt 7f3a"}]
-
-
-def textbot_samples(metrics_url: str, app: str) -> dict[str, float]:
-    """Textbot's metric samples for one application, summed over replicas and tags but
-    the finish reason: name (and finish reason) -> value."""
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        for sample in family.samples:
-            if sample.name.startswith("ray_textbot_") and sample.labels.get("application") == app:
-                key = sample.name + (f"[{sample.labels['finish_reason']}]" if "finish_reason" in sample.labels else "")
-                if "le" not in sample.labels:  # bucket counts are cumulative; count and sum suffice here
-                    samples[key] = samples.get(key, 0.0) + sample.value
-    return samples
 
 
 def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_url):

@@ -6,34 +6,8 @@ import httpx
 import pytest
 
 from tests.conftest import PAGE_LOGIN
+from tests.helpers.page import assert_refused
 from ui.history import history_secret, user_scoped
-
-# (method, path below the page): each of Gradio 6.31's routes the page must refuse.
-REFUSED = [
-    ("GET", "monitoring"), ("GET", "monitoring/summary"), ("GET", "monitoring/not-the-key"),
-    ("GET", "gradio_api/runs"), ("GET", "gradio_api/run-history/records"),
-    ("GET", "gradio_api/run-history/buckets"), ("POST", "gradio_api/run-history/connect"),
-    ("POST", "gradio_api/upload"), ("GET", "gradio_api/upload_progress"),
-    ("POST", "gradio_api/process_recording"),
-    ("POST", "gradio_api/vibe-edit"), ("POST", "gradio_api/undo-vibe-edit"), ("GET", "gradio_api/vibe-code"),
-    ("POST", "gradio_api/vibe-code"), ("POST", "gradio_api/vibe-starter-queries"),
-    ("GET", "gradio_api/profiling/summary"),
-]
-
-
-def assert_refused(page_url: str) -> None:
-    with httpx.Client(timeout=30) as client:
-        for method, path in REFUSED:
-            files = {"files": ("note.txt", b"hello")} if path.endswith(("upload", "process_recording")) else None
-            response = client.request(method, f"{page_url}{path}", files=files)
-            assert response.status_code == 403, (method, path, response.status_code, response.text[:200])
-            assert "takes text messages only" in response.json()["detail"]
-        config = client.get(f"{page_url}config").json()
-        assert config["analytics_enabled"] is False
-        assert config["run_history"] is False
-        # The page itself still serves.
-        assert client.get(page_url).status_code == 200
-
 
 def test_served_page_refuses_monitoring_history_uploads_and_code_editing(tiny_page_url):
     assert_refused(tiny_page_url)

@@ -21,11 +21,17 @@ TURNS = ["Hello there!", "How are you today?", "Tell me a story.", "Once upon a 
 COUNTING = "<|im_start|>system\n{{ messages|length }} messages<|im_end|>\n" + builders.CHATML
 
 
-@pytest.fixture(scope="module", params=["tiny-chat", "plain-llama"])
+@pytest.fixture(scope="module", params=["tiny-chat", "plain-llama", "qwen2", "qwen3", "gemma3", "mistral"])
 def loaded(request, tiny_models, tmp_path_factory):
-    """A Llama with a chat template, and one without (DialoGPT's EOS-separated turns)."""
+    """A Llama with a chat template, one without (DialoGPT's EOS-separated turns), and a model of
+    each other family the engine's own transformer runs (sliding windows of 8 positions among them)."""
     if request.param == "plain-llama":
         source = builders.build_plain_llama(tmp_path_factory.mktemp("models") / "plain-llama")
+    elif request.param in ("qwen2", "qwen3", "gemma3", "mistral"):
+        # Float weights: a random model's near-tied logits would otherwise flip between a prompt read
+        # through the bfloat16 copies and the same tokens decoded on the int4 codes, cache or not.
+        source = builders.build_tiny_family(tmp_path_factory.mktemp("models") / request.param, request.param)
+        return model.load(ModelSettings(source=str(source), quantization="none"))
     else:
         source = tiny_models[request.param]
     return model.load(ModelSettings(source=str(source)))

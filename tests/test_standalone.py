@@ -8,9 +8,9 @@ import pytest
 
 import os
 
-from tests.conftest import ROOT, free_port
-from tests.test_chat_page import FIGURES, figures_of, finished, page_client, partials
-from tests.test_page_hardening import assert_refused
+from tests.conftest import ROOT
+from tests.helpers.ports import free_port
+from tests.helpers.page import FIGURES, assert_refused, figures_of, finished, page_client, partials
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from backend.engine.process import WARM_ENGINE_ENV, EngineProcess, alive, start_
 from backend.protocol import ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings
 from tests.conftest import ROOT
-from tests.processes import wait_for
+from tests.helpers.processes import wait_for
 
 GREEDY = ResolvedSampling(max_new_tokens=12, temperature=0.0, top_p=1.0)
 

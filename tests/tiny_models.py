@@ -101,3 +101,36 @@ def save(model, tokenizer, folder: Path) -> None:
         model.get_output_embeddings().weight[tokenizer.eos_token_id] = 0.0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def build_tiny_family(folder: Path, family: str) -> Path:
+    """A 4-layer model of `family` (qwen2, qwen3, gemma3, mistral) with a chat template, its norms'
+    weights drawn at random too (they start as ones or zeros, which would hide a misplaced norm).
+    Gemma 3's and Mistral's sliding windows are 8 positions, so that prompts outgrow them."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    torch.manual_seed(1)
+    tokenizer = build_tokenizer(CHATML)
+    shape = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                 hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096)
+    if family == "qwen2":  # biases on q, k and v
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    elif family == "qwen3":  # per-head q and k norms; heads wider than hidden_size / heads
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=32))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=8))
+    elif family == "gemma3":
+        kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **shape | {"num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+            layer_types=kinds, tie_word_embeddings=True))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0 if family == "gemma3" else 1.0, 0.3)
+    save(model, tokenizer, folder)
+    return folder

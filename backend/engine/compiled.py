@@ -35,7 +35,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("slots.py", "quant.py")  # the code the compiled step is traced from
+# The code the compiled step is traced from: the shared transformer, its layers and its families.
+_SOURCES = ("slots.py", "quant.py", *sorted(f"families/{f.name}" for f in (Path(__file__).parent / "families").glob("*.py")))
 _STAGING = ".tmp.pt2"  # a package being written (the packager wants names ending in .pt2)
 _BUILD = 2  # how `build` exports and compiles it: a new value when that changes
 
@@ -43,7 +44,7 @@ _BUILD = 2  # how `build` exports and compiles it: a new value when that changes
 def package_path(folder: Path) -> Path:
     """Where the compiled step of the model converted in `folder` is kept (without importing torch)."""
     key = [str(_BUILD), importlib.metadata.version("torch"), platform.machine(), _cpu_flags()]
-    key += [Path(__file__).with_name(name).read_text() for name in _SOURCES]
+    key += [(Path(__file__).parent / name).read_text() for name in _SOURCES]
     digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
     return folder / f"decode-step-{digest}.pt2"
 

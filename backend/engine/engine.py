@@ -104,9 +104,12 @@ class Engine:
         self.limits = limits
         # The tensors of batching: the lean slot path for the architectures it knows, else
         # Hugging Face's forward. Both have read_whole, PromptReader, Batch and Rows.
-        self.path = slots if slots.supports(loaded.model) else generic_path
+        self.path = generic_path if loaded.fallback else slots
         if self.path is slots:
             slots.prepare(loaded.model)
+        else:
+            log.warning("%s runs through transformers' forward, without the slot cache, the prefix cache and the "
+                        "compiled step, because %s", loaded.name, loaded.fallback)
         # Keys and values of finished requests, for the next turn of their conversation.
         self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
                              if self.path is slots and limits.prefix_cache_mb else None)
@@ -136,6 +139,11 @@ class Engine:
     @property
     def context_length(self) -> int:
         return self.loaded.context_length
+
+    @property
+    def fallback(self) -> str | None:
+        """Why transformers' forward runs the model rather than the engine's own transformer; None if it does not."""
+        return self.loaded.fallback
 
     @property
     def vocab_size(self) -> int:

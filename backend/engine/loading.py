@@ -29,6 +29,8 @@ class LoadedModel:
     context_length: int
     eos_token_ids: frozenset[int]
     compiled: bool = False  # decode steps through the ahead-of-time compiled copy (compiled.py)
+    # Why the engine's own transformer (slots.py) does not run it, so transformers' forward does; None when it does.
+    fallback: str | None = None
 
 
 def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedModel:
@@ -67,15 +69,16 @@ def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedMod
         context_length=_context_length(model.config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
         compiled=settings.compile and not transformers_model and _compile(model, settings, cache),
+        fallback=None if transformers_model else slots.why_not(model),
     )
 
 
 def _compile(model, settings: ModelSettings, cache: Path | None) -> bool:
     from backend.engine import compiled
 
-    if not slots.supports(model):
-        log.warning("model.compile: %s is not a Llama-architecture model, whose decode step the engine "
-                    "compiles; it runs eagerly", settings.served_name)
+    if reason := slots.why_not(model):
+        log.warning("model.compile: %s runs through transformers' forward, not the engine's own, because %s; "
+                    "it runs eagerly", settings.served_name, reason)
         return False
     if not (cache and (cache / _COMPLETE).is_file()):
         log.warning("model.compile: the compiled step is kept with the converted weights, which %s does not "

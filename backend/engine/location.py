@@ -70,8 +70,9 @@ def _locate_in_package(source: str) -> ModelLocation:
 
 # What loading.py saves (quant.quantize_model's layers); a new value when that changes, so an older copy is not
 # loaded into the new layers. 2: an int4 model's output layer in bfloat16, no longer two
-# 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts.
-_LAYOUT = 3
+# 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts; 4: those copies
+# for every family the engine's own transformer runs (families/), Qwen and Gemma among them.
+_LAYOUT = 4
 
 
 def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:

@@ -83,7 +83,7 @@ class EngineProcess:
             self.shutdown()
             raise _REFUSALS.get(hello[1], RuntimeError)(hello[2])
         _, info = hello
-        self.name, self.context_length = info["name"], info["context_length"]
+        self.name, self.context_length, self.fallback = info["name"], info["context_length"], info["fallback"]
         self.pid = self._process.pid
         self._silence_limit_s = limits.max_stall_seconds
         self._send_lock = threading.Lock()
@@ -372,7 +372,7 @@ def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) ->
             send(("status", stats() | {"problem": engine.problem()}))
             time.sleep(STATUS_INTERVAL_S)
 
-    send(("ready", {"name": loaded.name, "context_length": engine.context_length}))
+    send(("ready", {"name": loaded.name, "context_length": engine.context_length, "fallback": engine.fallback}))
     threading.Thread(target=report, name="status", daemon=True).start()
     while True:
         message = conn.recv()

@@ -242,10 +242,15 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
 def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
     """One layer computing the outputs of `layers` (same input) side by side, or None when they
     cannot be joined. One call instead of several: fewer casts and less Python per step."""
+    # Biases side by side too (Qwen2's q, k and v have them); a layer without one adds zeros.
+    bias = None
     if any(layer.bias is not None for layer in layers):
-        return None
+        bias = torch.cat([layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
+                          for layer in layers])
     if all(isinstance(layer, Int4Linear) and layer.out_features % _PACKED_ROW_BLOCK == 0 for layer in layers):
-        fused = Int4Linear(layers[0].in_features, sum(layer.out_features for layer in layers))
+        fused = Int4Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias is not None)
+        if bias is not None:
+            fused.bias.data.copy_(bias)
         # The kernel packs output rows in blocks of 64, so whole blocks concatenate (checked:
         # tests/test_quant.py; layers of other sizes stay apart).
         fused.packed = torch.cat([layer.packed for layer in layers])
@@ -253,12 +258,15 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
         if ONEDNN_BF16 and all(layer.dense is not None for layer in layers):
             # Moved, not copied: only the fused layer reads prompts (the originals' own forward is int4).
             # Not on a CPU without bfloat16 dot products, where prompts stay on int4 (slots._for_prompts).
-            fused.dense = Bf16Linear.from_weight(torch.cat([layer.dense.weight for layer in layers]))
+            fused.dense = Bf16Linear.from_weight(torch.cat([layer.dense.weight for layer in layers]), bias)
             for layer in layers:
                 layer.dense = None
         return fused
     if all(isinstance(layer, torch.nn.Linear) for layer in layers):
-        fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False)
+        fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                                bias=bias is not None, dtype=layers[0].weight.dtype)
         fused.weight = torch.nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        if bias is not None:
+            fused.bias = torch.nn.Parameter(bias.to(fused.weight.dtype), requires_grad=False)
         return fused
     return None

@@ -1,5 +1,8 @@
-"""The lean decode path for Llama-architecture models (the default SmolLM2 among them):
-the model's forward pass written out over a KV cache of preallocated slots.
+"""The lean decode path, the engine's shared transformer: a decoder-only model's forward pass
+written out over a KV cache of preallocated slots, for every family in `families/` (Llama,
+Mistral, Qwen2, Qwen3, Gemma 3; the default SmolLM2 is a Llama). A family's differences (its
+norms, activation, per-head query and key norms, sliding windows) are said in its own small file
+there and read here once, when the layers are fused.
 
 Why not the Hugging Face forward with a DynamicCache (`batch.py`, still used for other
 architectures): each decode step there concatenates every layer's whole cache to append
@@ -24,18 +27,29 @@ Same interface as `batch.py`: `read_whole`, `PromptReader`, `Batch`, `Rows`.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from backend.engine import families
 from backend.engine.prefix_cache import Hit
 from backend.engine.quant import ONEDNN_BF16, Bf16Linear, fuse
 
 
+def config_dict(config) -> dict:
+    """A model's config as a dict: transformers' config object, or `llama.py`'s namespace."""
+    return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+
+
+def why_not(model: torch.nn.Module) -> str | None:
+    """None if this path runs the model; else why it goes through transformers' forward instead."""
+    return families.why_not(config_dict(model.config))
+
+
 def supports(model: torch.nn.Module) -> bool:
-    config = model.config
-    return getattr(config, "model_type", None) == "llama" and getattr(config, "hidden_act", None) == "silu"
+    return why_not(model) is None
 
 
 class KV:
@@ -117,7 +131,7 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
     # A query sees the cached columns at or before its own position.
     visible = (torch.arange(length) <= positions[..., None])[:, None]  # [rows, 1, t, length]
     llama = model.model
-    hidden = llama.embed_tokens(tokens)
+    hidden = llama.embed_tokens(tokens)  # the embedding module scales it where its family does (Gemma)
     # Prompts go through each layer's bfloat16 copy where it has one, decode steps through its
     # 4-bit codes (in `DecodeStep`, or its compiled copy): the first kernel is fast for many rows,
     # the other for few. Chosen by the call, never by the batch, so a row's numbers do not depend
@@ -126,34 +140,40 @@ def forward(model: torch.nn.Module, kv: KV, tokens: torch.Tensor, positions: tor
         hidden = decode_step(model)(hidden, positions, keys, values, visible)
     else:
         hidden = _run_layers(_fused_layers(model)[1], _rotary_tables(model), hidden, positions, keys, values,
-                             _prompt_attention(visible))
+                             _prompt_attention(visible, positions))
     hidden = hidden[:, -1] if last is None else hidden[torch.arange(rows), last]
-    return model.lm_head(F.rms_norm(hidden, hidden.shape[-1:], llama.norm.weight, llama.norm.variance_epsilon))
+    return model.lm_head(_final_norm(model)(hidden))
 
 
-def _run_layers(layers: list[_Layer], rotary: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+def _run_layers(layers: list[_Layer], rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor,
                 positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], attend) -> torch.Tensor:
     """The decoder layers over `hidden` [rows, t, hidden_size] at `positions` [rows, t]: each
     layer writes its keys and values at those positions, then `attend`s to its cache."""
     rows = positions.shape[0]
-    cos, signed_sin = (table[positions][:, None] for table in rotary)  # [rows, 1, t, head_dim]
+    # Each kind of layer's cos and sin at these positions, [rows, 1, t, head_dim]
+    angles = {kind: tuple(table[positions][:, None] for table in tables) for kind, tables in rotary.items()}
     row_index = torch.arange(rows)[:, None]
     for layer, layer_keys, layer_values in zip(layers, keys, values):
-        heads = layer.qkv(layer.norm(hidden, layer.input_norm))
+        heads = layer.qkv(layer.attention_norm(hidden))
         heads = heads.view(rows, hidden.shape[1], -1, layer.head_dim).transpose(1, 2)  # q, k and v heads in a row
+        qk = heads[:, :layer.rotated_heads]
+        if layer.qk_norm is not None:
+            qk = layer.qk_norm(qk)
         # Rotary position, on q's and k's heads at once: x cos + rotate_half(x) sin, where
         # rotate_half(x) sin = roll(x, half) * (-sin | sin) (the sign is folded into the table).
-        qk = heads[:, :layer.rotated_heads]
+        cos, signed_sin = angles[layer.rotary]
         qk = qk * cos + qk.roll(layer.head_dim // 2, dims=-1) * signed_sin
         q, k, v = qk[:, :layer.query_heads], qk[:, layer.query_heads:], heads[:, layer.rotated_heads:]
         # keys[row, :, :, position] = k[row, :, i] and values[row, :, position] = v[row, :, i]
         # for each row and its i-th position
         layer_keys[row_index, :, :, positions] = k.transpose(1, 2)
         layer_values[row_index, :, positions] = v.transpose(1, 2)
-        out = attend(q, layer_keys, layer_values, layer.scale)
-        hidden = hidden + layer.o_proj(out.reshape(rows, hidden.shape[1], -1))
-        gate, up = layer.gate_up(layer.norm(hidden, layer.post_norm)).chunk(2, dim=-1)
-        hidden = hidden + layer.down_proj(F.silu(gate) * up)
+        out = layer.o_proj(attend(q, layer_keys, layer_values, layer.scale, layer.window)
+                           .reshape(rows, hidden.shape[1], -1))
+        hidden = hidden + (out if layer.attention_out_norm is None else layer.attention_out_norm(out))
+        gate, up = layer.gate_up(layer.mlp_norm(hidden)).chunk(2, dim=-1)
+        out = layer.down_proj(layer.activation(gate) * up)
+        hidden = hidden + (out if layer.mlp_out_norm is None else layer.mlp_out_norm(out))
     return hidden
 
 
@@ -170,17 +190,19 @@ class DecodeStep(torch.nn.Module):
         super().__init__()
         self.layers = _fused_layers(model)[0]
         # Registered, so that torch.export finds the weights as this module's own.
-        self.parts = torch.nn.ModuleList(torch.nn.ModuleList([layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj,
-                                                              layer.input_norm, layer.post_norm])
-                                         for layer in self.layers)
-        cos, signed_sin = _rotary_tables(model)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("signed_sin", signed_sin, persistent=False)
+        self.parts = torch.nn.ModuleList(torch.nn.ModuleList(layer.modules()) for layer in self.layers)
+        self.kinds = sorted(_rotary_tables(model))
+        for i, kind in enumerate(self.kinds):
+            cos, signed_sin = _rotary_tables(model)[kind]
+            self.register_buffer(f"cos_{i}", cos, persistent=False)
+            self.register_buffer(f"signed_sin_{i}", signed_sin, persistent=False)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
-        return _run_layers(self.layers, (self.cos, self.signed_sin), hidden, positions, keys, values,
-                           _decode_attention(visible, keys[0].shape[1], hidden.dtype))
+        rotary = {kind: (getattr(self, f"cos_{i}"), getattr(self, f"signed_sin_{i}"))
+                  for i, kind in enumerate(self.kinds)}
+        return _run_layers(self.layers, rotary, hidden, positions, keys, values,
+                           _decode_attention(visible, positions, keys[0].shape[1], hidden.dtype))
 
 
 def decode_step(model: torch.nn.Module):
@@ -196,55 +218,118 @@ def use_decode_step(model: torch.nn.Module, step):
     return step
 
 
-def _decode_attention(visible: torch.Tensor, kv_heads: int, dtype: torch.dtype):
+def _windowed(visible: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`visible` [rows, 1, t, length] narrowed to the `window` positions up to each query's own
+    (a sliding-window layer's view), or as it is for a layer that sees everything."""
+    if window is None:
+        return visible
+    return visible & (torch.arange(visible.shape[-1]) > positions[..., None] - window)[:, None]
+
+
+def _decode_attention(visible: torch.Tensor, positions: torch.Tensor, kv_heads: int, dtype: torch.dtype):
     """Attention for one query per row: q [rows, heads, 1, head_dim] against transposed keys
     [rows, kv_heads, head_dim, capacity] and values [rows, kv_heads, capacity, head_dim] (their
     first `length` columns), as two batched matmuls with each key head's query heads side by
     side (grouped-query attention without repeating the keys). Returns [rows, 1, heads, head_dim]."""
     rows, length = visible.shape[0], visible.shape[-1]
-    # The mask as a bias added to the scores: the same for every layer, so built once a step.
-    bias = torch.zeros(rows, kv_heads, 1, length, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    biases: dict[int | None, torch.Tensor] = {}
 
-    def attend(q, keys, values, scale):
+    def attend(q, keys, values, scale, window):
+        # The mask as a bias added to the scores: the same for every layer of a window, so built once a step.
+        if (bias := biases.get(window)) is None:
+            seen = _windowed(visible, positions, window)
+            bias = biases[window] = torch.zeros(rows, kv_heads, 1, length, dtype=dtype).masked_fill_(
+                ~seen, float("-inf")).view(rows * kv_heads, 1, length)
         heads = q.shape[1]
         q = q.reshape(rows * kv_heads, heads // kv_heads, -1)
-        scores = torch.baddbmm(bias.view(rows * kv_heads, 1, length), q, keys[..., :length].flatten(0, 1),
-                               alpha=scale)
+        scores = torch.baddbmm(bias, q, keys[..., :length].flatten(0, 1), alpha=scale)
         out = torch.bmm(scores.softmax(-1), values[:, :, :length].flatten(0, 1))
         return out.view(rows, 1, heads, -1)
     return attend
 
 
-def _prompt_attention(visible: torch.Tensor):
+def _prompt_attention(visible: torch.Tensor, positions: torch.Tensor):
     """Attention for several queries per row (prompts): SDPA, over the keys as [length, head_dim]
     views. Returns [rows, t, heads, head_dim]."""
     length = visible.shape[-1]
 
-    def attend(q, keys, values, scale):
+    def attend(q, keys, values, scale, window):
         out = F.scaled_dot_product_attention(q, keys[..., :length].transpose(-1, -2).contiguous(),
-                                             values[:, :, :length], attn_mask=visible, scale=scale, enable_gqa=True)
+                                             values[:, :, :length], attn_mask=_windowed(visible, positions, window),
+                                             scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
     return attend
 
 
 @dataclass
 class _Layer:
-    """A decoder layer's parts as `forward` calls them: q, k and v in one matmul, gate and up in another."""
+    """A decoder layer's parts as `forward` calls them: q, k and v in one matmul, gate and up in
+    another, and what its family sets (norms, activation, window, rotary table)."""
 
     qkv: torch.nn.Module
     o_proj: torch.nn.Module
     gate_up: torch.nn.Module
     down_proj: torch.nn.Module
-    input_norm: torch.nn.Module
-    post_norm: torch.nn.Module
+    attention_norm: _Norm
+    mlp_norm: _Norm
+    attention_out_norm: _Norm | None
+    mlp_out_norm: _Norm | None
+    qk_norm: _HeadNorm | None
+    activation: object  # the MLP's gate activation, a function
+    window: int | None  # positions seen back from each query's own, None for all
+    rotary: str  # which rotary table (a layer type: Gemma's sliding layers have their own)
     head_dim: int
     scale: float
     query_heads: int
     rotated_heads: int  # query and key heads, which come first in qkv's output
 
-    @staticmethod
-    def norm(x: torch.Tensor, rms: torch.nn.Module) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], rms.weight, rms.variance_epsilon)
+    def modules(self) -> list[torch.nn.Module]:
+        parts = [self.qkv, self.o_proj, self.gate_up, self.down_proj, self.attention_norm, self.mlp_norm,
+                 self.attention_out_norm, self.mlp_out_norm, self.qk_norm]
+        return [part for part in parts if part is not None]
+
+
+class _Norm(torch.nn.Module):
+    """RMSNorm with its family's scale folded into the weight once: x / rms(x) * (offset + weight)
+    (Gemma's norms store weight - 1). The weight is the model's own tensor when the offset is 0."""
+
+    def __init__(self, norm: torch.nn.Module, offset: float):
+        super().__init__()
+        weight = norm.weight.detach()
+        self.register_buffer("weight", weight if not offset else (offset + weight.float()).to(weight.dtype),
+                             persistent=False)
+        self.eps = _eps(norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+class _HeadNorm(torch.nn.Module):
+    """Qwen3's and Gemma 3's q_norm and k_norm at once: each query and key head normalised over
+    its own width, with q_norm's weights on the query heads and k_norm's on the key heads."""
+
+    def __init__(self, q_norm: torch.nn.Module, k_norm: torch.nn.Module, query_heads: int, key_heads: int,
+                 offset: float):
+        super().__init__()
+        weights = [norm.weight.detach().float() + offset for norm in (q_norm, k_norm)]
+        per_head = torch.cat([weights[0].expand(query_heads, -1), weights[1].expand(key_heads, -1)])
+        self.register_buffer("weight", per_head[:, None, :].to(q_norm.weight.dtype), persistent=False)
+        self.eps = _eps(q_norm)
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:
+        """qk [rows, query and key heads, t, head_dim]."""
+        return F.rms_norm(qk, qk.shape[-1:], eps=self.eps) * self.weight
+
+
+def _eps(norm: torch.nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or norm.eps
+
+
+def _final_norm(model: torch.nn.Module) -> _Norm:
+    if (norm := model.__dict__.get("_textbot_final_norm")) is None:
+        family = families.family_of(config_dict(model.config))
+        norm = model.__dict__["_textbot_final_norm"] = _Norm(model.model.norm, family.norm_offset)
+    return norm
 
 
 def _fused_layers(model: torch.nn.Module) -> tuple[list[_Layer], list[_Layer]]:
@@ -252,7 +337,10 @@ def _fused_layers(model: torch.nn.Module) -> tuple[list[_Layer], list[_Layer]]:
     they have them). Built once per model and kept on it; the originals stay in place for the
     generic path."""
     if (layers := getattr(model, "_textbot_fused_layers", None)) is None:
-        decode = [_fuse_layer(layer) for layer in model.model.layers]
+        config = config_dict(model.config)
+        family, per_kind = families.family_of(config), len(_rotary_tables(model)) > 1
+        decode = [_fuse_layer(layer, family, config, i, config["layer_types"][i] if per_kind else _ONE_KIND)
+                  for i, layer in enumerate(model.model.layers)]
         linears = ("qkv", "o_proj", "gate_up", "down_proj")
         prompt = [replace(layer, **{name: _for_prompts(getattr(layer, name)) for name in linears})
                   for layer in decode]
@@ -281,15 +369,23 @@ def _for_prompts(linear: torch.nn.Module) -> torch.nn.Module:
     return linear if dense is None or not ONEDNN_BF16 else dense
 
 
-def _fuse_layer(layer: torch.nn.Module) -> _Layer:
+def _fuse_layer(layer: torch.nn.Module, family: families.Family, config: dict, index: int, rotary: str) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
     projections = [attention.q_proj, attention.k_proj, attention.v_proj]
     qkv = fuse(projections) or _Side(projections)
     gate_up = fuse([mlp.gate_proj, mlp.up_proj]) or _Side([mlp.gate_proj, mlp.up_proj])
     query_heads, key_heads = (p.out_features // attention.head_dim for p in projections[:2])
+
+    def norm(name: str | None) -> _Norm | None:
+        return None if name is None else _Norm(getattr(layer, name), family.norm_offset)
+    qk_norm = (_HeadNorm(attention.q_norm, attention.k_norm, query_heads, key_heads, family.norm_offset)
+               if family.qk_norm else None)
     return _Layer(qkv, attention.o_proj, gate_up, mlp.down_proj,
-                  layer.input_layernorm, layer.post_attention_layernorm, attention.head_dim, attention.scaling,
-                  query_heads, query_heads + key_heads)
+                  attention_norm=norm(family.attention_norm), mlp_norm=norm(family.mlp_norm),
+                  attention_out_norm=norm(family.attention_out_norm), mlp_out_norm=norm(family.mlp_out_norm),
+                  qk_norm=qk_norm, activation=families.ACTIVATIONS[family.activation(config)],
+                  window=family.window(config, index), rotary=rotary, head_dim=attention.head_dim,
+                  scale=attention.scaling, query_heads=query_heads, rotated_heads=query_heads + key_heads)
 
 
 class _Side(torch.nn.Module):
@@ -303,16 +399,29 @@ class _Side(torch.nn.Module):
         return torch.cat([layer(x) for layer in self.layers], dim=-1)
 
 
-def _rotary_tables(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+_ONE_KIND = "full_attention"  # the rotary table's name when every layer shares one
+
+
+def _rotary_tables(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """cos and sin for every position of the context, [positions, head_dim], computed once
     by the model's own rotary embedding (so its scaling variants hold); sin's first half
-    negated, for `forward`'s roll (the same products, bit for bit, as rotate_half's)."""
+    negated, for `forward`'s roll (the same products, bit for bit, as rotate_half's). One pair
+    per layer type where the rotary module keeps one per type (Gemma 3: sliding layers rotate
+    with a base of their own), else one pair for all."""
     if (tables := getattr(model, "_textbot_rotary", None)) is None:
-        llama = model.model
+        decoder = model.model
         positions = torch.arange(model.config.max_position_embeddings)[None]
-        cos, sin = (table[0] for table in llama.rotary_emb(llama.embed_tokens.weight[:1], positions))
-        half = sin.shape[-1] // 2
-        tables = model._textbot_rotary = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+        sample = decoder.embed_tokens.weight[:1]
+        if "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters:
+            kinds = {kind: decoder.rotary_emb(sample, positions, kind) for kind in set(model.config.layer_types)}
+        else:
+            kinds = {_ONE_KIND: decoder.rotary_emb(sample, positions)}
+        tables = {}
+        for kind, (cos, sin) in kinds.items():
+            cos, sin = cos[0], sin[0]
+            half = sin.shape[-1] // 2
+            tables[kind] = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+        model._textbot_rotary = tables
     return tables
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from backend.protocol import (MAX_CHOICES, MAX_TOP_LOGPROBS, ChatMessage, FunctionCall, OutputSchema, ToolCall,
+from backend.protocol import (MAX_CHOICES, MAX_TOP_LOGPROBS, ChatMessage, OutputSchema, ToolCall,
                               ToolSpec)
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -280,6 +280,14 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "textbot"
+    # Beyond OpenAI's card (clients ignore what they do not know); None while no replica answers.
+    loaded: bool = Field(description="Whether a model replica answered just now")
+    context_length: int | None = Field(None, description="Tokens of prompt and reply together")
+    quantization: str = Field(description="The weights as the engine runs them: int4, int8 or none")
+    engine: Literal["textbot", "transformers"] | None = Field(
+        None, description="textbot: the engine's own transformer, with its slot cache, prefix cache and compiled "
+                          "step; transformers: transformers' forward, for a model of no family the engine knows")
+    engine_reason: str | None = Field(None, description="Why the model runs on transformers' forward, when it does")
 
 
 class ModelList(BaseModel):
