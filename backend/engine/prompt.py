@@ -33,9 +33,10 @@ def encode_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
     """Prompt tokens for a conversation, ending where the assistant's reply starts.
 
     Models with a chat template use it; tools reach the model through it where it takes
-    them, else as a system message. Models without one (DialoGPT, GPT-2) get DialoGPT's
-    own training format: each turn's text followed by the EOS token, system messages as
-    plain leading text; the reply follows the last EOS.
+    them, else as a system message. Models without one (DialoGPT, GPT-2, base models such as
+    Gemma 3 270M) get DialoGPT's own training format, the plain template the README names:
+    each turn's text followed by the EOS token, system messages as plain leading text; the
+    reply follows the last EOS.
     """
     template = tokenizer.chat_template
     if template and "tools" in template:
@@ -49,7 +50,9 @@ def encode_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
         return list(encoded["input_ids"])
     eos = tokenizer.eos_token or ""
     text = "".join(m["content"] + eos for m in plain)
-    return tokenizer.encode(text, add_special_tokens=False)
+    # With the tokens the tokenizer adds to any text: a base model such as Gemma reads nothing
+    # well without its BOS token first (GPT-2's and DialoGPT's tokenizers add none).
+    return tokenizer.encode(text)
 
 
 def _templated(message: ChatMessage) -> dict:
