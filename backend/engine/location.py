@@ -71,7 +71,7 @@ def _locate_in_package(source: str) -> ModelLocation:
 # What loading.py saves (quant.quantize_model's layers); a new value when that changes, so an older copy is not
 # loaded into the new layers. 2: an int4 model's output layer in bfloat16, no longer two
 # 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts.
-_LAYOUT = 3
+_LAYOUT = 4  # 4: a GGUF file's Q4_K codes as stored, its 5- to 8-bit types as int8 layers (quant.LAYER_LAYOUTS)
 
 
 def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
