@@ -93,7 +93,7 @@ def int4_codes(raw: np.ndarray, kind: str) -> Int4Codes:
         return _q4_k(blocks)
     d = _fp16(blocks, 0)
     zero = _fp16(blocks, 2) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)  # Q4_0: weight = (q - 8) d
-    return Int4Codes(_nibbles(blocks[..., -16:]).reshape(rows, -1), d, zero)
+    return Int4Codes(torch.from_numpy(_nibbles(blocks[..., -16:]).reshape(rows, -1)), d, zero)
 
 
 def _q4_k(blocks: np.ndarray) -> Int4Codes:

@@ -101,6 +101,7 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.register_load_state_dict_post_hook(_aligned_int8_weights)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
@@ -119,6 +120,18 @@ class Int8Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _aligned_int8_weights(layer: Int8Linear, _incompatible_keys) -> None:
+    """Copy loaded tensors that do not start on a 64-byte boundary to ones that do.
+
+    `_weight_int8pack_mm` crashed (a segmentation fault, torch 2.13, AVX-512) at 4 rows or more
+    on weights a few bytes off the boundary, which is where safetensors' `load_file` leaves a
+    converted copy's tensors (`assign=True` keeps them in place); torch's own allocations are aligned.
+    """
+    for name in ("weight_int8", "scales"):
+        if getattr(layer, name).data_ptr() % 64:
+            setattr(layer, name, getattr(layer, name).clone())
 
 
 class Bf16Linear(torch.nn.Module):
@@ -241,7 +254,7 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
                     replacement = _empty_int4_model_layer(child, recorded.get(module_name, "int4"), prompt_copies)
                 else:
                     weight = next((stored[n] for n in names.get(id(child.weight), []) if n in stored), "int4")
-                    replacement = _int4_model_layer(child, weight, prompt_copies)
+                    replacement = int4_model_layer(child, weight, prompt_copies)
                     if weight in ("int8", "bf16"):
                         recorded[module_name] = weight
             elif empty:
@@ -253,7 +266,7 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
         setattr(model.config, LAYER_LAYOUTS, recorded)
 
 
-def _int4_model_layer(linear: torch.nn.Linear, weight: Int4Codes | Layout,
+def int4_model_layer(linear: torch.nn.Linear, weight: Int4Codes | Layout,
                       prompt_copies: bool) -> torch.nn.Module:
     """An int4 model's layer for `linear`: from a file's codes, or its float weights in `weight`'s layout."""
     if isinstance(weight, Int4Codes):
