@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "quality.json")
     parser.add_argument("--gguf-types", action="store_true",
                         help="per GGUF tensor type and layer layout, against the file's float weights")
-    parser.add_argument("--layouts", default="", help="with --gguf-types: the whole model's layouts, e.g. "
-                        "Q5_0=int8,Q8_0=bf16 (default gguf_blocks.LAYOUTS; codes, int4, int8 or bf16)")
+    parser.add_argument("--layouts", action="append", default=[], help="with --gguf-types: a whole model's "
+                        "layouts besides gguf_blocks.LAYOUTS, e.g. Q5_0=int8,Q8_0=bf16 (codes, int4, int8 "
+                        "or bf16); may be given again")
+    parser.add_argument("--types", default=None, help="with --gguf-types: the tensor types to study one by "
+                        "one, e.g. Q5_0,Q6_K (default: all the file has; 'none' for the whole models only)")
     args = parser.parse_args(argv)
     if args.gguf_types:
         torch.set_num_threads(args.threads)
@@ -116,22 +119,26 @@ def gguf_types(args) -> dict:
     print(f"{path.name}: {args.tokens} tokens; linear layers by type {dict(by_type)}", flush=True)
     results = [{"model": path.name, "tokens": ids.shape[1], "layers": "all", "layout": "float32 (reference)",
                 **_scores(reference, reference, ids)}]
-    for kind in sorted(by_type):
+    studied = sorted(by_type) if args.types is None else [kind for kind in args.types.split(",") if kind in by_type]
+    for kind in studied:
         for layout in LAYOUT_CHOICES:
             if layout == "codes" and kind not in _BLOCK_BYTES:
                 continue
             model = copy.deepcopy(floats)
             stored = stored_weights(str(path), model, {kind: layout})
-            replaced = _replace(model, stored, head)
+            replaced = _replace(model, stored)
             row = {"model": path.name, "tokens": ids.shape[1], "layers": kind, "count": len(replaced),
                    "layout": layout, **_scores(_logits(model, ids), reference, ids),
                    **{f"matmul_us_{rows}_rows": _matmul_us(replaced, rows) for rows in (1, 8)}}
             results.append(row)
             print(_type_line(row), flush=True)
             del model
-    chosen = LAYOUTS | dict(pair.split("=") for pair in args.layouts.split(",") if pair)
+    wholes = [("chosen: " + _describe(LAYOUTS, by_type), LAYOUTS)]
+    for option in args.layouts:
+        layouts = LAYOUTS | dict(pair.split("=") for pair in option.split(",") if pair)
+        wholes.append(("other: " + _describe(layouts, by_type), layouts))
     before = {kind: "codes" for kind in ("Q4_0", "Q4_1")}  # everything else: 4 bits again
-    for label, layouts in (("chosen " + _describe(chosen, by_type), chosen), ("before: all int4 but Q4_0/Q4_1", before)):
+    for label, layouts in wholes + [("before: all int4 but Q4_0/Q4_1", before)]:
         model = copy.deepcopy(floats)
         quantize_model(model, "int4", stored_weights(str(path), model, layouts))
         loaded = LoadedModel(path.stem, model, tokenizer, _context_length(model.config), _eos_token_ids(model, tokenizer))
@@ -158,10 +165,12 @@ def _scores(logits: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor) ->
             "reference_perplexity": math.exp(torch.nn.functional.cross_entropy(reference, ids[0, 1:]).item())}
 
 
-def _replace(model, stored: dict, head) -> list[torch.nn.Module]:
-    """Swap the linear layers `stored` names (the output layer apart) for their int4 model layers."""
+def _replace(model, stored: dict) -> list[torch.nn.Module]:
+    """Swap the linear layers `stored` names for their int4 model layers; not the output layer,
+    which an int4 model keeps in bfloat16 whatever the file stores (a tied Q8_0 embedding here)."""
     from backend.engine.quant import int4_model_layer
 
+    head = model.get_output_embeddings()
     wanted = {id(model.get_parameter(name)): weight for name, weight in stored.items()}
     replaced = []
     for parent in list(model.modules()):

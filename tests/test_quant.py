@@ -286,19 +286,21 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_each_gguf_type_gets_its_layout_in_an_int4_model(tiny_gguf):
-    """Q4_0/Q4_1/Q4_K: the file's own codes, exactly its weights; the 5- to 8-bit types: int8
-    layers; F16/BF16/F32: 4 bits as before (not stored); the output layer bfloat16."""
+    """Q4_0/Q4_1/Q4_K: the file's own codes, exactly its weights; the 5- to 8-bit types: int8 or
+    bfloat16 layers (gguf_blocks.LAYOUTS); F16/BF16/F32: 4 bits as before (not stored); the output
+    layer bfloat16."""
     import copy
 
-    from backend.engine.gguf_blocks import stored_weights, tensor_types
+    from backend.engine.gguf_blocks import LAYOUTS, stored_weights, tensor_types
     from backend.engine.quant import Int4Codes, Int8Linear
 
     path, floats = tiny_gguf
     types = tensor_types(str(path), floats)
     stored = stored_weights(str(path), floats)
-    expected_layers = {"Q4_0": Int4Linear, "Q4_1": Int4Linear, "Q4_K": Int4Linear, "F16": Int4Linear,
-                       "BF16": Int4Linear, "F32": Int4Linear, "Q5_0": Int8Linear, "Q5_1": Int8Linear,
-                       "Q5_K": Int8Linear, "Q6_K": Int8Linear, "Q8_0": Int8Linear}
+    layers = {"codes": Int4Linear, "int8": Int8Linear, "bf16": Bf16Linear}
+    expected_layers = {kind: layers[layout] for kind, layout in LAYOUTS.items()}
+    expected_layers |= {"F16": Int4Linear, "BF16": Int4Linear, "F32": Int4Linear}
+    assert expected_layers["Q4_K"] is Int4Linear and expected_layers["Q5_0"] is not Int4Linear
     for name, kind in types.items():
         if kind in ("Q4_0", "Q4_1", "Q4_K"):
             codes = stored[name]
@@ -309,7 +311,7 @@ def test_each_gguf_type_gets_its_layout_in_an_int4_model(tiny_gguf):
         elif kind in ("F16", "BF16", "F32"):
             assert name not in stored
         else:
-            assert stored[name] == "int8"
+            assert stored[name] == LAYOUTS[kind] and LAYOUTS[kind] in ("int8", "bf16")
     model = copy.deepcopy(floats)
     quant.quantize_model(model, "int4", stored)
     assert isinstance(model.lm_head, Bf16Linear)  # the output layer (Q6_K here) stays bfloat16, as before
@@ -328,21 +330,25 @@ def test_each_gguf_type_gets_its_layout_in_an_int4_model(tiny_gguf):
     assert seen == set(expected_layers)
 
 
-def test_mixed_int4_and_int8_layers_survive_the_converted_cache(tiny_gguf, tmp_path):
-    """The converted copy's config records which layers are int8, so its empty shells take the saved
-    tensors (a strict load) and give the same logits."""
+def test_mixed_layers_survive_the_converted_cache(tiny_gguf, tmp_path):
+    """The converted copy's config records which layers are int8 or bfloat16, so its empty shells take
+    the saved tensors (a strict load) and give the same logits."""
     import copy
 
     import safetensors.torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from backend.engine.gguf_blocks import stored_weights
+    from backend.engine.gguf_blocks import LAYOUTS, stored_weights
     from backend.engine.quant import LAYER_LAYOUTS, Int8Linear
 
     path, floats = tiny_gguf
     model = copy.deepcopy(floats)
-    quant.quantize_model(model, "int4", stored_weights(str(path), model))
-    assert getattr(model.config, LAYER_LAYOUTS)["model.layers.0.mlp.gate_proj"] == "int8"
+    # All three kinds of layer: Q8_0 in int8 here (an int8 layer's loaded tensors must be aligned, too).
+    quant.quantize_model(model, "int4", stored_weights(str(path), model, LAYOUTS | {"Q8_0": "int8"}))
+    recorded = getattr(model.config, LAYER_LAYOUTS)
+    assert recorded["model.layers.0.mlp.gate_proj"] == LAYOUTS["Q5_0"] == "bf16"
+    assert recorded["model.layers.1.self_attn.v_proj"] == "int8"
+    assert "model.layers.0.self_attn.o_proj" not in recorded  # Q4_K: int4, the default
     model.config.save_pretrained(tmp_path)
     safetensors.torch.save_model(model, str(tmp_path / "model.safetensors"))
 
@@ -350,18 +356,21 @@ def test_mixed_int4_and_int8_layers_survive_the_converted_cache(tiny_gguf, tmp_p
     quant.quantize_model(shell, "int4", empty=True)
     assert isinstance(shell.model.layers[1].self_attn.v_proj, Int8Linear)  # Q8_0
     assert isinstance(shell.model.layers[1].self_attn.q_proj, Int4Linear)  # Q4_0
+    assert type(shell.model.layers[0].mlp.gate_proj) is type(model.model.layers[0].mlp.gate_proj)  # Q5_0
     shell.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
     ids = torch.tensor([[1, 5, 9, 33, 2]])
     with torch.inference_mode():
         assert torch.equal(shell(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_int8_layers_fuse_side_by_side():
+@pytest.mark.parametrize("make", ["int8", "bf16"])
+def test_int8_and_bfloat16_layers_fuse_side_by_side(make):
     from backend.engine.quant import Int8Linear
 
-    layers = [Int8Linear.quantize(torch.randn(n, 128)) for n in (128, 32, 32)]
+    layer_class = {"int8": Int8Linear.quantize, "bf16": Bf16Linear.from_weight}[make]
+    layers = [layer_class(torch.randn(n, 128)) for n in (128, 32, 32)]
     x = _bf16_input()
     fused = fuse(layers)
-    assert isinstance(fused, Int8Linear)
-    assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], dim=-1))
+    assert type(fused) is type(layers[0]) and fused.out_features == 192
+    torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), rtol=0, atol=1e-5)
     assert fuse([layers[0], Int4Linear.quantize(torch.randn(64, 128))]) is None  # mixed kinds stay apart

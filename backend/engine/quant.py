@@ -16,8 +16,9 @@ while the int4 kernel's time grows with them.
 A GGUF file's Q4_0 / Q4_1 / Q4_K blocks are already this format (32 weights `d * q + m`,
 `q` in 0..15), so `Int4Linear.from_codes` packs them as they are; anything else is
 quantised here, from its float weights (`Int4Linear.quantize`, `Int8Linear.quantize`).
-In an int4 model, a GGUF file's 5- to 8-bit weights go to `Int8Linear` (gguf_blocks.LAYOUTS,
-measured in docs/benchmarks/gguf-types.md): 4 bits again cost quality, 8 bits per channel did not.
+In an int4 model, a GGUF file's 5- to 8-bit weights go to `Bf16Linear` (gguf_blocks.LAYOUTS,
+measured in docs/benchmarks/gguf-types.md): 4 bits again cost much quality, 8 bits per channel
+too much for a whole model. `quantize_model` can give a layer any of the three (`Layout`).
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ class Bf16Linear(torch.nn.Module):
     a greedy reply is the same alone and in a decode batch. That does not hold for every
     shape (576 x 1536 at 8 rows differed in the last bit): the bfloat16 copies of the other
     layers read prompts only, and decode steps keep the int4 kernel, which is row-invariant.
+    Except a GGUF file's 5- to 8-bit layers, which decode in bfloat16 too (gguf_blocks.LAYOUTS):
+    on an AMD EPYC with AVX-512 BF16 and no AMX, 1 against 8 rows was bitwise the same for
+    Gemma 3 270M's shapes and for 576 x 1536 (2026-12); with AMX such a layer may move a
+    greedy reply's last bits with its batch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -310,6 +315,10 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
         fused.weight_int8 = torch.cat([layer.weight_int8 for layer in layers])
         fused.scales = torch.cat([layer.scales for layer in layers])
         return fused
+    if all(isinstance(layer, Bf16Linear) and layer._packed is None for layer in layers):
+        # Before any call (its plain weights are let go once laid out for oneDNN): when the slot path
+        # builds its layers. One call for q, k and v took about half the time of three (1 row).
+        return Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]))
     if all(isinstance(layer, torch.nn.Linear) for layer in layers):
         fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=False)
         fused.weight = torch.nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
