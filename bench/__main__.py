@@ -288,13 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     outcome = asyncio.run(run(args))
     data, figure = args.out / "benchmarks" / "results.json", args.out / "benchmarks" / "throughput.png"
     report.write_json(data, outcome)
-    report.write_plot(figure, outcome)
+    drawn = report.write_plot(figure, outcome)
     markdown = args.out / "BENCHMARKS.md"
-    report.write_markdown(markdown, outcome, figure.relative_to(args.out).as_posix(),
+    report.write_markdown(markdown, outcome, figure.relative_to(args.out).as_posix() if drawn else None,
                           data.relative_to(args.out).as_posix())
     for name, measured, met in report.targets(outcome):
         print(f"{'MET ' if met else 'MISS'} {name}: {measured}")
-    print(f"Wrote {markdown}, {figure} and {data}")
+    print(f"Wrote {markdown}{f', {figure}' if drawn else ''} and {data}")
 
 
 if __name__ == "__main__":

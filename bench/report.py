@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the benchmark rewrites this file. -->"
@@ -106,8 +107,15 @@ def write_side_study(out: Path, name: str, run: dict, markdown: str) -> None:
     print(markdown)
 
 
-def write_plot(path: Path, run: dict) -> None:
-    import matplotlib
+def write_plot(path: Path, run: dict) -> bool:
+    """The throughput and latency plot, where matplotlib is installed (`make test` and `make bench`
+    install it; `make run` does not): False, with one line saying how to get it, where it is not."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"No plot at {path}: matplotlib is not installed here (`{Path(sys.executable).parent / 'pip'} "
+              "install matplotlib`, or `make bench`, installs it); the tables are written without it.", flush=True)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,6 +138,7 @@ def write_plot(path: Path, run: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def targets(run: dict) -> list[tuple[str, str, bool | None]]:
@@ -214,7 +223,8 @@ def llamacpp_lines(run: dict) -> list[str]:
             "one request at a time: concurrent streams wait their turn."]
 
 
-def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
+def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None:
+    """BENCHMARKS.md from `run`; `figure` the plot's path beside it, None when none was drawn."""
     m, s = run["machine"], run["settings"]
     lines = [
         "# Benchmarks",
@@ -234,7 +244,8 @@ def write_markdown(path: Path, run: dict, figure: str, data: str) -> None:
         "Everything below ran side by side in one run on a shared machine: compare ratios, not absolutes.",
         *llamacpp_lines(run),
         "",
-        f"![aggregate throughput and latency]({figure})  (data: [{Path(data).name}]({data}))",
+        (f"![aggregate throughput and latency]({figure})  (data: [{Path(data).name}]({data}))" if figure
+         else f"Data: [{Path(data).name}]({data}) (no plot: matplotlib was not installed)."),
         "",
         "## Targets",
         "",

@@ -90,14 +90,14 @@ def _compile(model, settings: ModelSettings, cache: Path | None) -> bool:
 def _load_source(location: ModelLocation, settings: ModelSettings):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backend.engine.gguf_blocks import int4_weights
+    from backend.engine.gguf_blocks import stored_weights
 
     kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, settings.dtype), **kwargs)
     stored = None
     if location.gguf_file and settings.quantization == "int4":
-        stored = int4_weights(str(Path(location.path, location.gguf_file)), model)
+        stored = stored_weights(str(Path(location.path, location.gguf_file)), model)
     quantize_model(model, settings.quantization, stored, prompt_copies=slots.supports(model))
     return tokenizer, model.eval()
 

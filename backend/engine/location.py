@@ -92,9 +92,10 @@ def _assembled(module, filename: str, cache_dir: str | None) -> ModelLocation:
 
 # What loading.py saves (quant.quantize_model's layers); a new value when that changes, so an older copy is not
 # loaded into the new layers. 2: an int4 model's output layer in bfloat16, no longer two
-# 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts; 4: those copies
-# for every family the engine's own transformer runs (families/), Qwen and Gemma among them.
-_LAYOUT = 4
+# 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts; 4: a GGUF file's
+# Q4_K codes as stored, its 5- to 8-bit types in layouts of their own (quant.LAYER_LAYOUTS); 5: the
+# prompt copies for every family the engine's own transformer runs (families/), Qwen and Gemma among them.
+_LAYOUT = 5
 
 
 def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:

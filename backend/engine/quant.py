@@ -13,9 +13,12 @@ The output layer of an int4 model is the exception: it stays in bfloat16 (`Bf16L
 laid out once for oneDNN's matmul, which reads it at memory speed for any number of rows
 while the int4 kernel's time grows with them.
 
-A GGUF file's Q4_0 / Q4_1 blocks are already this format (32 weights `d * q + m`,
+A GGUF file's Q4_0 / Q4_1 / Q4_K blocks are already this format (32 weights `d * q + m`,
 `q` in 0..15), so `Int4Linear.from_codes` packs them as they are; anything else is
 quantised here, from its float weights (`Int4Linear.quantize`, `Int8Linear.quantize`).
+In an int4 model, a GGUF file's 5- to 8-bit weights go to `Bf16Linear` (gguf_blocks.LAYOUTS,
+measured in docs/benchmarks/gguf-types.md): 4 bits again cost much quality, 8 bits per channel
+too much for a whole model. `quantize_model` can give a layer any of the three (`Layout`).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.register_load_state_dict_post_hook(_aligned_int8_weights)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
@@ -119,6 +123,18 @@ class Int8Linear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def _aligned_int8_weights(layer: Int8Linear, _incompatible_keys) -> None:
+    """Copy loaded tensors that do not start on a 64-byte boundary to ones that do.
+
+    `_weight_int8pack_mm` crashed (a segmentation fault, torch 2.13, AVX-512) at 4 rows or more
+    on weights a few bytes off the boundary, which is where safetensors' `load_file` leaves a
+    converted copy's tensors (`assign=True` keeps them in place); torch's own allocations are aligned.
+    """
+    for name in ("weight_int8", "scales"):
+        if getattr(layer, name).data_ptr() % 64:
+            setattr(layer, name, getattr(layer, name).clone())
+
+
 class Bf16Linear(torch.nn.Module):
     """y = x Wᵀ (+ b) with W in bfloat16: an int4 model's output layer.
 
@@ -133,6 +149,10 @@ class Bf16Linear(torch.nn.Module):
     a greedy reply is the same alone and in a decode batch. That does not hold for every
     shape (576 x 1536 at 8 rows differed in the last bit): the bfloat16 copies of the other
     layers read prompts only, and decode steps keep the int4 kernel, which is row-invariant.
+    Except a GGUF file's 5- to 8-bit layers, which decode in bfloat16 too (gguf_blocks.LAYOUTS):
+    on an AMD EPYC with AVX-512 BF16 and no AMX, 1 against 8 rows was bitwise the same for
+    Gemma 3 270M's shapes and for 576 x 1536 (2026-12); with AMX such a layer may move a
+    greedy reply's last bits with its batch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -193,15 +213,25 @@ class Int4Codes:
     zero: torch.Tensor
 
 
+# A layer of an int4 model other than the file's own codes: its float weights quantised to
+# 4 bits (`Int4Linear.quantize`), to 8 bits per output channel (`Int8Linear`), or kept in bfloat16.
+Layout = Literal["int4", "int8", "bf16"]
+
+# The model config's record of the layers of an int4 model that are not Int4Linear ({module
+# name: layout}): saved with a converted copy (config.json), so its empty shells are built alike.
+LAYER_LAYOUTS = "textbot_layer_layouts"
+
+
 def quantize_model(model: torch.nn.Module, quantization: Quantization,
-                   stored: dict[str, Int4Codes] | None = None,
+                   stored: dict[str, Int4Codes | Layout] | None = None,
                    empty: bool = False, prompt_copies: bool = False) -> None:
     """Replace the model's linear layers, the output layer included, with `quantization`'s.
     With int4, the output layer goes to bfloat16 (`Bf16Linear`).
 
-    `stored`: 4-bit codes for some weights, by parameter name, used as they are (from
-    `gguf_blocks.int4_weights`); the other layers are quantised from their float weights.
-    `empty`: shells to load a cached quantised state dict into. Layers the kernels cannot
+    `stored` (int4 only, from `gguf_blocks.stored_weights`), by parameter name: 4-bit codes
+    used as they are, or the layout a weight takes instead of int4; the other layers are
+    quantised to int4 from their float weights. `empty`: shells to load a cached quantised
+    state dict into (each of the layout the model config records). Layers the kernels cannot
     take (input features not a multiple of 32, output features not of 16) stay as they are.
     `prompt_copies`: int4 layers also keep their weights in bfloat16, for reading prompts
     (`Int4Linear.dense`; only the slot path uses them).
@@ -214,29 +244,52 @@ def quantize_model(model: torch.nn.Module, quantization: Quantization,
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
     stored = stored or {}
+    recorded = (getattr(model.config, LAYER_LAYOUTS, None) or {}) if empty else {}
     head = model.get_output_embeddings()
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in parent.named_children():
             if not isinstance(child, torch.nn.Linear) or child.in_features % GROUP or child.out_features % 16:
                 continue
             if quantization == "int4" and child is head:
                 replacement = (Bf16Linear(child.in_features, child.out_features, child.bias is not None) if empty
                                else Bf16Linear.from_weight(child.weight.data, child.bias))
-            elif quantization == "int4" and empty:
-                replacement = Int4Linear(child.in_features, child.out_features, child.bias is not None,
-                                         dense=prompt_copies)
             elif quantization == "int4":
-                if codes := next((stored[n] for n in names.get(id(child.weight), []) if n in stored), None):
-                    replacement = Int4Linear.from_codes(codes.codes, codes.scale, codes.zero, child.bias,
-                                                        prompt_copies)
+                module_name = f"{parent_name}.{name}" if parent_name else name
+                if empty:
+                    replacement = _empty_int4_model_layer(child, recorded.get(module_name, "int4"), prompt_copies)
                 else:
-                    replacement = Int4Linear.quantize(child.weight.data, child.bias, prompt_copies)
+                    weight = next((stored[n] for n in names.get(id(child.weight), []) if n in stored), "int4")
+                    replacement = int4_model_layer(child, weight, prompt_copies)
+                    if weight in ("int8", "bf16"):
+                        recorded[module_name] = weight
             elif empty:
                 replacement = layer_class(child.in_features, child.out_features, child.bias is not None)
             else:
                 replacement = layer_class.quantize(child.weight.data, child.bias)
             setattr(parent, name, replacement)
+    if recorded and not empty:
+        setattr(model.config, LAYER_LAYOUTS, recorded)
 
+
+def int4_model_layer(linear: torch.nn.Linear, weight: Int4Codes | Layout,
+                      prompt_copies: bool) -> torch.nn.Module:
+    """An int4 model's layer for `linear`: from a file's codes, or its float weights in `weight`'s layout."""
+    if isinstance(weight, Int4Codes):
+        return Int4Linear.from_codes(weight.codes, weight.scale, weight.zero, linear.bias, prompt_copies)
+    if weight == "int8":
+        return Int8Linear.quantize(linear.weight.data, linear.bias)
+    if weight == "bf16":
+        return Bf16Linear.from_weight(linear.weight.data, linear.bias)
+    return Int4Linear.quantize(linear.weight.data, linear.bias, prompt_copies)
+
+
+def _empty_int4_model_layer(linear: torch.nn.Linear, layout: Layout, prompt_copies: bool) -> torch.nn.Module:
+    shape = (linear.in_features, linear.out_features, linear.bias is not None)
+    if layout == "int8":
+        return Int8Linear(*shape)
+    if layout == "bf16":
+        return Bf16Linear(*shape)
+    return Int4Linear(*shape, dense=prompt_copies)
 
 
 def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
@@ -262,6 +315,15 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
             for layer in layers:
                 layer.dense = None
         return fused
+    if all(isinstance(layer, Int8Linear) for layer in layers):  # one scale per output row: rows concatenate
+        fused = Int8Linear(layers[0].in_features, sum(layer.out_features for layer in layers))
+        fused.weight_int8 = torch.cat([layer.weight_int8 for layer in layers])
+        fused.scales = torch.cat([layer.scales for layer in layers])
+        return fused
+    if all(isinstance(layer, Bf16Linear) and layer._packed is None for layer in layers):
+        # Before any call (its plain weights are let go once laid out for oneDNN): when the slot path
+        # builds its layers. One call for q, k and v took about half the time of three (1 row).
+        return Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]))
     if all(isinstance(layer, torch.nn.Linear) for layer in layers):
         fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                                 bias=bias is not None, dtype=layers[0].weight.dtype)
