@@ -84,10 +84,12 @@ def vendored_commit(changelog: str, version: str) -> str | None:
 
 
 def version_line(server: Path) -> str:
-    """What `llama-server --version` prints about the build, e.g. 'version: 0 (0c1e57098)'."""
+    """What `llama-server --version` says of the build, e.g. '0.5.0-dev (build 1, commit 0c1e57098)'
+    (the commit is what names it: the build number counts git history, which the sdist lacks)."""
     out = subprocess.run([str(server), "--version"], capture_output=True, text=True, timeout=60)
-    lines = (out.stdout + out.stderr).splitlines()
-    return next((line.strip() for line in lines if line.startswith("version:")), " / ".join(lines[-2:]))
+    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    found = next((line for line in lines if line.startswith("version:")), None)
+    return found.removeprefix("version:").strip() if found else " / ".join(lines[-2:])
 
 
 def build(args: list[str], folder: Path) -> None:

@@ -136,11 +136,11 @@ def test_the_report_names_llama_server_its_flags_and_version():
     from bench.report import llamacpp_lines
 
     run = {"settings": {"textbot_threads": 1, "llamacpp_threads": {"llamacpp": 1, "llamacpp-2t": 2},
-                        "llamacpp_server": {"version": "version: 0 (0c1e57098)", "gguf": "/x/SmolLM2.gguf",
+                        "llamacpp_server": {"version": "0.5.0-dev (build 1, commit 0c1e57098)", "gguf": "/x/SmolLM2.gguf",
                                             "slots": 8, "context": 16384, "endpoint": "/v1/chat/completions",
                                             "flags": ["-t", "N", "-tb", "N", "-np", "8", "-c", "16384",
                                                       "--no-webui"]}}}
     line, = llamacpp_lines(run)
     assert "`llama-server -m SmolLM2.gguf -t N -tb N -np 8 -c 16384 --no-webui` with N = 1 and 2" in line
-    assert "0c1e57098" in line and "2048 tokens of context" in line
+    assert "llama.cpp 0.5.0-dev (build 1, commit 0c1e57098)" in line and "2048 tokens of context" in line
     assert llamacpp_lines({"settings": {"llamacpp_threads": {"llamacpp": 1}, "llamacpp_server": {}}}) == []
