@@ -11,6 +11,8 @@ export PYTHONPATH := $(CURDIR)
 CHROMIUM := /usr/bin/chromium
 # The engine's compiled decode step is C++ that torch's AOTInductor compiles (backend/engine/compiled.py).
 CXX_BIN := /usr/bin/c++
+# `make bench` builds llama.cpp's llama-server, the benchmark's peer, with CMake.
+CMAKE := /usr/bin/cmake
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test bench clean
@@ -39,13 +41,15 @@ test: $(VENV)/.test-installed $(CHROMIUM) $(CXX_BIN)
 	$(PY) -m pytest
 
 # Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one. Measures
-# llama.cpp's server on the same GGUF beside it, which the first run builds (about 7 minutes).
-bench: $(VENV)/.bench-installed $(CXX_BIN)
+# llama.cpp's llama-server on the same GGUF beside it, which the first run builds (about 6 minutes).
+bench: $(VENV)/.bench-installed $(CXX_BIN) $(CMAKE)
 	$(PY) -m backend.engine.compiled deploy.yaml
+	# llama-server for this CPU, built once (kept under ~/.cache/textbot/llama.cpp/); later runs check it.
+	$(PY) -m bench.llamacpp_build
 	$(PY) -m bench
 
-$(VENV)/.bench-installed: $(VENV)/.test-installed requirements-bench.txt bench/llamacpp_build.py
-	$(PY) -m bench.llamacpp_build
+$(VENV)/.bench-installed: $(VENV)/.test-installed requirements-bench.txt
+	$(PIP) install -r requirements-bench.txt
 	touch $@
 
 $(VENV)/.installed: requirements.txt
@@ -67,6 +71,10 @@ $(CHROMIUM):
 $(CXX_BIN):
 	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y g++
+
+$(CMAKE):
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y cmake
 
 clean:
 	rm -rf $(VENV) .pytest_cache

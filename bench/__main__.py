@@ -1,7 +1,12 @@
 """`python -m bench`: stream greedy replies at several concurrencies through every
-path (in-process engine, plain transformers, the HTTP routes, the chat page, and
-llama.cpp's server on the same GGUF as the peer: `make bench` installs it) and write
+path (in-process engine, plain transformers, the HTTP routes, the chat page, and as the
+peer llama.cpp's own `llama-server` on the same GGUF file, its slots decoded together by
+continuous batching: `make bench` builds it, see bench/llamacpp_build.py) and write
 docs/BENCHMARKS.md with the results.
+
+The model is deploy.yaml's (the textbot application's model.source) unless --model names
+another; the in-process and llama.cpp targets use it, the served targets whatever the stack
+at --url serves.
 
 The served targets use a running `make run` stack at --url; if none answers,
 the benchmark starts one itself as `make run` does (`python -m backend.launch
@@ -14,9 +19,9 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.util
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +35,7 @@ import httpx
 import yaml
 
 from bench import report
-from bench.clients import engine_client, openai_client, page_client, text_client, transformers_client
+from bench.clients import completions_client, engine_client, openai_client, page_client, text_client, transformers_client
 from bench.load import run_level
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the served stack (default %(default)s)")
     parser.add_argument("--api-path", default="/api", help="Textbot application's route prefix")
     parser.add_argument("--page-path", default="/", help="chat page's route prefix")
-    parser.add_argument("--model", help="model source for the in-process targets (default: deploy.yaml's)")
+    parser.add_argument("--model", help="model source for the in-process and llama.cpp targets (default: deploy.yaml's)")
     parser.add_argument("--no-start", action="store_true", help="never start a stack; skip served targets instead")
     parser.add_argument("--llamacpp-threads", type=int, nargs="+",
-                        help="llama.cpp server threads, one server and one set of rows each (default: the "
+                        help="llama-server threads (-t and -tb), one server and one set of rows each (default: the "
                              "Textbot model replica's CPUs in deploy.yaml, then every core)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where BENCHMARKS.md goes")
     args = parser.parse_args(argv)
@@ -142,8 +147,8 @@ def served_stack(args: argparse.Namespace, skipped: dict):
             process.wait(60)
 
 
-LLAMACPP_MISSING = ("llama-cpp-python is not installed: `make bench` installs it (requirements-bench.txt; "
-                    "it compiles llama.cpp for this CPU, about 7 minutes on 2 cores, once)")
+LLAMACPP_MISSING = ("llama.cpp's llama-server is not built: `make bench` builds it (python -m bench.llamacpp_build: "
+                    "for this CPU, from llama-cpp-python's sdist, about 6 minutes on 2 cores, once)")
 
 
 def llamacpp_runs(requested: list[int] | None, textbot_threads: int) -> dict[str, int]:
@@ -154,35 +159,68 @@ def llamacpp_runs(requested: list[int] | None, textbot_threads: int) -> dict[str
     return {("llamacpp" if n == threads[0] else f"llamacpp-{n}t"): n for n in dict.fromkeys(threads)}
 
 
-def llamacpp_command(gguf: Path, port: int, threads: int) -> list[str]:
-    # n_threads_batch too (prompts), else llama-cpp-python uses every core for it; and no
-    # interrupt_requests, whose default cuts a running reply short when another request comes.
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-            "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--interrupt_requests", "false"]
+def llamacpp_context(slots: int, max_tokens: int) -> int:
+    """llama-server's -c: the KV cache it splits evenly among its slots. Each slot needs room
+    for a prompt (the bench's are under 64 tokens with a chat template) and its reply; 2048
+    tokens a slot (16384 for 8) unless the replies are longer."""
+    per_slot = 2048
+    while per_slot < max_tokens + 512:
+        per_slot *= 2
+    return slots * per_slot
+
+
+def llamacpp_flags(threads: int | str, slots: int, context: int) -> list[str]:
+    """llama-server's flags but the model and port (the report names them): -t and -tb both
+    (decode and prompt threads; -tb defaults to -t, named so nothing else decides it), -np
+    slots decoded together by continuous batching, as many as a Textbot replica's
+    engine.max_running, -c their KV cache, and no web UI."""
+    return ["-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(context), "--no-webui"]
+
+
+def llamacpp_command(server: Path, gguf: Path, port: int, threads: int, slots: int, context: int) -> list[str]:
+    return [str(server), "-m", str(gguf), *llamacpp_flags(threads, slots, context),
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
+def llamacpp_binary() -> Path | None:
+    """llama-server as bench.llamacpp_build built it for this CPU, else one on PATH."""
+    from bench import llamacpp_build
+
+    found = llamacpp_build.binary("llama-server") or shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def gguf_path(model_settings) -> Path | None:
+    """The GGUF file Textbot loads for these settings (a `package:pkg/file.gguf` source is
+    found inside its installed package), or None for a model that is not one GGUF file."""
+    from backend.engine.location import locate
+
+    location = locate(model_settings)
+    return Path(location.path, location.gguf_file) if location.gguf_file else None
 
 
 @contextlib.contextmanager
-def llamacpp_server(gguf: Path, threads: int):
-    """llama-cpp-python's OpenAI server on the same GGUF file, on a free port."""
+def llamacpp_server(command_for):
+    """llama.cpp's llama-server on the same GGUF file, on a free port: `command_for(port)`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(llamacpp_command(gguf, port, threads), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command_for(port), stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
             while process.poll() is None and time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    # 503 while the model loads, 200 once the slots are ready.
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                         break
                 time.sleep(1)
             else:
                 log.seek(0)
                 tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
                 state = "did not answer within 120 s" if process.poll() is None else f"exited ({process.returncode})"
-                raise RuntimeError(f"llama_cpp.server {state}: {' / '.join(tail)}")
+                raise RuntimeError(f"llama-server {state}: {' / '.join(tail)}")
             yield url
         finally:
             process.terminate()
@@ -193,25 +231,46 @@ def llamacpp_server(gguf: Path, threads: int):
                 process.wait()
 
 
-async def measure_llamacpp(args, model_settings, textbot_threads: int, count_tokens, results: dict,
-                           skipped: dict) -> dict[str, int]:
-    from backend.engine import loading as model_files
+def llamacpp_stream(url: str, client: httpx.AsyncClient, tokenizer):
+    """How the bench talks to llama-server: a chat model through /v1/chat/completions with the
+    client of Textbot's OpenAI route (llama-server applies the GGUF's own chat template). A
+    model without a chat template (a base model) through /v1/completions instead, its prompt
+    as the token ids Textbot's chat route builds for it (backend/engine/prompt.encode_chat:
+    each turn's text, then EOS): llama-server would otherwise pick a chat template of its own
+    for it (ChatML), which the model never saw, and Textbot would not use."""
+    if tokenizer.chat_template:
+        return openai_client(url, client), "/v1/chat/completions"
+    from backend.engine.prompt import encode_chat
+    from backend.protocol import ChatMessage
+
+    encode = lambda prompt: encode_chat(tokenizer, [ChatMessage(role="user", content=prompt)])  # noqa: E731
+    return completions_client(url, client, encode), "/v1/completions"
+
+
+async def measure_llamacpp(args, model_settings, textbot_threads: int, slots: int, tokenizer, count_tokens,
+                           results: dict, skipped: dict) -> dict:
+    """The llama-server runs (one per thread count), and what the report says of them."""
+    from bench import llamacpp_build
 
     runs = llamacpp_runs(args.llamacpp_threads, textbot_threads)
-    location = model_files.locate(model_settings)
-    if importlib.util.find_spec("llama_cpp") is None:
+    context = llamacpp_context(slots, args.max_tokens)
+    peer = {"threads": runs, "slots": slots, "context": context, "flags": llamacpp_flags("N", slots, context)}
+    gguf, server = gguf_path(model_settings), llamacpp_binary()
+    if server is None:
         skipped["llamacpp"] = LLAMACPP_MISSING
-    elif not location.gguf_file:
+    elif gguf is None:
         skipped["llamacpp"] = f"the model ({model_settings.source}) is not a GGUF file, which llama.cpp needs"
     else:
+        peer |= {"binary": str(server), "version": llamacpp_build.version_line(server), "gguf": str(gguf)}
         for name, threads in runs.items():
             try:
-                with llamacpp_server(Path(location.path, location.gguf_file), threads) as url:
-                    async with httpx.AsyncClient(timeout=600) as client:
-                        results[name] = await measure(name, openai_client(url, client), args, count_tokens)
+                with llamacpp_server(lambda port: llamacpp_command(server, gguf, port, threads, slots, context)) as url:
+                    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+                        stream, peer["endpoint"] = llamacpp_stream(url, client, tokenizer)
+                        results[name] = await measure(name, stream, args, count_tokens)
             except RuntimeError as error:
                 skipped[name] = str(error)
-    return runs
+    return peer
 
 
 async def measure(name: str, stream, args, count_tokens) -> list[dict]:
@@ -228,6 +287,22 @@ async def measure(name: str, stream, args, count_tokens) -> list[dict]:
     return levels
 
 
+def load_tokenizer(model_settings):
+    """The model's tokenizer without its weights: from the converted copy Textbot keeps of a
+    GGUF model when there is one (quick), else from the source."""
+    from transformers import AutoTokenizer
+
+    from backend.engine import loading
+    from backend.engine.location import converted_cache, locate
+
+    location = locate(model_settings)
+    cache = converted_cache(model_settings, location)
+    if cache and (cache / loading._COMPLETE).is_file():
+        return loading._load_tokenizer(cache)
+    return AutoTokenizer.from_pretrained(location.path, **({"gguf_file": location.gguf_file}
+                                                           if location.gguf_file else {}))
+
+
 async def run(args: argparse.Namespace) -> dict:
     from backend.engine import loading as model
     from backend.engine import Engine
@@ -237,8 +312,10 @@ async def run(args: argparse.Namespace) -> dict:
     if args.model:
         model_args = {"model": {"source": args.model}}
     settings = TextbotSettings.model_validate(model_args)
-    loaded = model.load(settings.model)
-    count_tokens = lambda text: len(loaded.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    # The model itself only for the in-process targets; the others need its tokenizer alone.
+    loaded = model.load(settings.model) if {"engine", "transformers"} & set(args.targets) else None
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(settings.model)
+    count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     results: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
 
@@ -264,10 +341,10 @@ async def run(args: argparse.Namespace) -> dict:
                         results[target] = await measure(target, clients[target](), args, count_tokens)
                     else:
                         skipped.setdefault(target, f"no stack answered at {api}")
-    llamacpp = {}
+    peer = {}
     if "llamacpp" in args.targets:
-        llamacpp = await measure_llamacpp(args, settings.model, settings.model.torch_threads or threads,
-                                          count_tokens, results, skipped)
+        peer = await measure_llamacpp(args, settings.model, settings.model.torch_threads or threads,
+                                      settings.engine.max_running, tokenizer, count_tokens, results, skipped)
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -277,7 +354,7 @@ async def run(args: argparse.Namespace) -> dict:
                      "dtype": settings.model.dtype, "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "concurrency": args.concurrency,
                      "textbot_threads": settings.model.torch_threads or threads,
-                     "llamacpp_threads": llamacpp},
+                     "llamacpp_threads": peer.pop("threads", {}), "llamacpp_server": peer},
         "results": results,
         "skipped": skipped,
     }

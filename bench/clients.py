@@ -81,6 +81,28 @@ def openai_client(api_url: str, client: httpx.AsyncClient, model: str | None = N
     return stream
 
 
+def completions_client(api_url: str, client: httpx.AsyncClient, encode: Callable[[str], list[int]]) -> Stream:
+    """(f) for a model without a chat template (a base model): OpenAI's text completions
+    (POST /v1/completions, streamed), the prompt sent as the token ids `encode` gives, so
+    the peer reads exactly the tokens Textbot's chat route builds for that model."""
+
+    async def stream(prompt: str, max_tokens: int) -> AsyncIterator[str]:
+        body = {"prompt": encode(prompt), "max_tokens": max_tokens, "stream": True, **GREEDY}
+        async with client.stream("POST", f"{api_url}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"].get("message", chunk["error"]))
+                for choice in chunk.get("choices", ()):
+                    if piece := choice.get("text"):
+                        yield piece
+
+    return stream
+
+
 def reply_text(output) -> str:
     """An update of the page's /chat: the reply so far (a string), or at the end the reply and
     its figures note (a list of messages)."""

