@@ -316,14 +316,16 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
                 layer.dense = None
         return fused
     if all(isinstance(layer, Int8Linear) for layer in layers):  # one scale per output row: rows concatenate
-        fused = Int8Linear(layers[0].in_features, sum(layer.out_features for layer in layers))
+        fused = Int8Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias is not None)
         fused.weight_int8 = torch.cat([layer.weight_int8 for layer in layers])
         fused.scales = torch.cat([layer.scales for layer in layers])
+        if bias is not None:
+            fused.bias.data.copy_(bias)
         return fused
     if all(isinstance(layer, Bf16Linear) and layer._packed is None for layer in layers):
         # Before any call (its plain weights are let go once laid out for oneDNN): when the slot path
         # builds its layers. One call for q, k and v took about half the time of three (1 row).
-        return Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]))
+        return Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]), bias)
     if all(isinstance(layer, torch.nn.Linear) for layer in layers):
         fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                                 bias=bias is not None, dtype=layers[0].weight.dtype)
