@@ -374,3 +374,30 @@ def test_int8_and_bfloat16_layers_fuse_side_by_side(make):
     assert type(fused) is type(layers[0]) and fused.out_features == 192
     torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), rtol=0, atol=1e-5)
     assert fuse([layers[0], Int4Linear.quantize(torch.randn(64, 128))]) is None  # mixed kinds stay apart
+
+
+def test_mixed_layers_compile_into_the_decode_step(tiny_gguf, tmp_path):
+    """A Q4_K_M-like file's decode step (int4 codes beside bfloat16 layers) compiles ahead of time,
+    and its logits are the eager step's up to float rounding."""
+    import copy
+
+    from backend.engine import compiled
+    from backend.engine.gguf_blocks import stored_weights
+
+    path, floats = tiny_gguf
+    model = copy.deepcopy(floats)
+    quant.quantize_model(model, "int4", stored_weights(str(path), model), prompt_copies=True)
+    assert any(isinstance(m, Bf16Linear) for m in model.model.layers.modules())
+    assert compiled.attach(model, tmp_path)
+    compiled_step = slots.decode_step(model)
+    assert not isinstance(compiled_step, slots.DecodeStep)
+    ids = [1, 5, 9, 33, 2, 17, 40]
+    with torch.inference_mode():
+        logits = {}
+        for name, step in (("compiled", compiled_step), ("eager", slots.DecodeStep(model))):
+            slots.use_decode_step(model, step)
+            kv = slots.KV(model, 1)
+            slots.forward(model, kv, torch.tensor([ids]), torch.arange(len(ids))[None])
+            logits[name] = slots.forward(model, kv, torch.tensor([[7]]), torch.tensor([[len(ids)]]))[0]
+    scale = logits["eager"].abs().max()
+    assert (logits["compiled"] - logits["eager"]).abs().max() < 0.02 * scale

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 GROUP = 32  # weights per scale and zero point: GGUF's block size, and one of the kernel's group sizes
 _PACKED_ROW_BLOCK = 64  # output rows the CPU packing interleaves together
@@ -184,6 +185,15 @@ class Bf16Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            # Traced for the compiled decode step (a GGUF file's 5- to 8-bit layers decode in bfloat16):
+            # oneDNN's packed tensor is opaque to torch.export, so the plain matmul is traced, and the
+            # compiler lays it out for oneDNN itself. Only a layer not yet packed has its plain weights:
+            # the decode step's fused layers are new ones (slots._fused_layers).
+            if self._packed is not None:
+                raise RuntimeError("a bfloat16 layer laid out for oneDNN cannot be traced; trace it before its first call")
+            y = F.linear(rows.to(torch.bfloat16), self.weight).to(x.dtype)
+            return (y if self.bias is None else y + self.bias.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
         self.pack()
         if ONEDNN_BF16:
             y = torch.ops.mkldnn._linear_pointwise(rows.to(torch.bfloat16), self._packed, None, "none", [], "")
