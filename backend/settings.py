@@ -37,9 +37,10 @@ class ModelSettings(_Strict):
     )
     quantization: Literal["int4", "int8", "none"] = Field(
         "int4",
-        description=("Weights: int4 runs a GGUF file's own 4-bit weights (Q4_0, Q4_1) on torch's int4 CPU "
-                     "kernel and quantises any other weight at load (4 bits in groups of 32; the output layer "
-                     "bfloat16); int8 quantises each weight to 8 bits per output channel; "
+        description=("Weights: int4 runs a GGUF file's own 4-bit weights (Q4_0, Q4_1, Q4_K) on torch's int4 CPU "
+                     "kernel as stored, its 5- to 8-bit ones (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) in bfloat16, and "
+                     "quantises any other weight at load (4 bits in groups of 32; the output layer bfloat16); "
+                     "int8 quantises each weight to 8 bits per output channel; "
                      "none keeps float weights (float32: the reference the others are measured against)."),
     )
     dtype: Literal["float32", "bfloat16"] = Field(

@@ -1,6 +1,7 @@
 """The quantised layers against the float weights they stand for, and the lean slot path
 against Hugging Face's forward on the same model."""
 
+import numpy as np  # noqa: F401 - named in annotations
 import pytest
 import torch
 
