@@ -60,7 +60,8 @@ class ModelSettings(_Strict):
                      "and AOTInductor; backend/engine/compiled.py): faster, the same reply alone and batched, "
                      "the last bits of the numbers differ from the eager step's (docs/BENCHMARKS.md). The first "
                      "start builds it (minutes; needs a C++ compiler) and keeps it with the converted weights; "
-                     "a Llama-architecture GGUF model only. Without a compiler the engine runs eagerly."),
+                     "a GGUF model of a family the engine runs (backend/engine/families) only. Without a compiler "
+                     "the engine runs eagerly."),
     )
 
     @property
@@ -99,7 +100,7 @@ class EngineSettings(_Strict):
     prefix_cache_mb: float = Field(
         512, ge=0, description="Memory for keys and values of finished replies, per replica, so a "
         "conversation's next turn reads only its new tokens (least recently used go first; 0 turns it off). "
-        "Llama-architecture models only."
+        "Models of the families the engine runs (backend/engine/families) only."
     )
     stream_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="Least time between two pieces of one reply: tokens sampled meanwhile "

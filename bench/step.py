@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace) -> dict:
     settings = ModelSettings(**_deployed_model_source(), quantization="int4", dtype="float32")
     loaded = load(settings)
     if not slots.supports(loaded.model):
-        raise SystemExit("bench.step times the slot path: the model must be a Llama-architecture one")
+        raise SystemExit("bench.step times the slot path: the model must be of a family the engine runs (backend/engine/families)")
     compiled = load(settings.model_copy(update={"compile": True}))
     if not compiled.compiled:
         raise SystemExit("bench.step: the compiled step could not be built or loaded (the log says why)")

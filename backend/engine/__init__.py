@@ -6,7 +6,7 @@
     quant.py        weight-only quantised linear layers on torch's CPU kernels (and a bfloat16 output layer)
     gguf_blocks.py  a GGUF file's 4-bit weights as stored, for the int4 kernel
     prompt.py       a conversation -> prompt tokens
-    slots.py        the lean path for Llama models: a KV cache of rows, one forward for prompts and steps
+    slots.py        the engine's own transformer (every family in families/): a KV cache of rows, one forward for prompts and steps
     compiled.py     that path's decode step compiled ahead of time (AOTInductor), built once, loaded at start
     batch.py        the generic path, through Hugging Face's forward
     prefix_cache.py keys and values of finished requests, for a conversation's next turn

@@ -14,7 +14,8 @@ retires finished and cancelled requests at once, keeping their keys and values i
 the prefix cache. So nobody waits for a partner, for the longest reply, or for a
 long prompt to be read. The loop reads top to bottom in `_run` -> `_admit` /
 `_read_prompts` / `Batch.step` -> `_advance`; the tensors live in `slots.py`
-(the lean path for Llama models) or `batch.py` (any other, through Hugging Face's forward).
+(the engine's own transformer, for the families in `families/`) or `batch.py` (any other, through
+Hugging Face's forward).
 
 Each request samples on its own (`_advance`): logit bias and penalties, the output
 schema's grammar (`constraint.py`), its seed; its stop strings end it. Several replies
