@@ -65,7 +65,10 @@ def _locate_in_package(source: str, cache_dir: str | None) -> ModelLocation:
     folder = Path(spec.origin).parent
     if (folder / filename).is_file():
         return ModelLocation(str(folder), filename)
-    module = importlib.import_module(package)
+    try:  # a package that puts its file together (its own imports may need what --no-deps left out)
+        module = importlib.import_module(package)
+    except ImportError:
+        module = None
     if callable(getattr(module, "assemble", None)) and filename.endswith(".gguf"):
         return _assembled(module, filename, cache_dir)
     raise ModelLoadError(f"Package {package!r} has no file {filename!r}; found: "
