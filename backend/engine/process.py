@@ -417,7 +417,7 @@ def _load(model: ModelSettings):
     from backend.engine.loading import load
 
     loaded = load(model)
-    if slots.supports(loaded.model):
+    if not loaded.fallback:
         slots.prepare(loaded.model)
     return loaded
 

@@ -78,15 +78,3 @@ def family_of(config: dict) -> Family | None:
     """The config's family, if the shared transformer runs it."""
     return None if why_not(config) else _registry()[config["model_type"]]
 
-
-def rope_types(config: dict) -> set[str]:
-    """The rotary embedding kinds a config names (transformers 5 `rope_parameters`, possibly per
-    layer type; older configs `rope_scaling`)."""
-    found = set()
-    for ropes in (config.get("rope_parameters"), config.get("rope_scaling")):
-        if not ropes:
-            continue
-        for rope in ropes.values() if all(isinstance(v, dict) or v is None for v in ropes.values()) else [ropes]:
-            if rope:
-                found.add(rope.get("rope_type", rope.get("type", "default")))
-    return found or {"default"}
