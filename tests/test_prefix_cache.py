@@ -8,6 +8,7 @@ import torch
 
 from backend.engine import Engine
 from backend.engine import loading as model
+from backend.engine.kv_budget import token_bytes
 from backend.engine.prefix_cache import PrefixCache
 from backend.protocol import ChatMessage, ResolvedSampling
 from backend.settings import EngineSettings, ModelSettings
@@ -40,7 +41,7 @@ def loaded(request, tiny_models, tmp_path_factory):
 def engines(loaded, **settings) -> tuple[Engine, Engine]:
     """Two engines on one model: the prefix cache on, and off."""
     return (Engine(loaded, EngineSettings(**settings)),
-            Engine(loaded, EngineSettings(**(settings | {"prefix_cache_mb": 0}))))
+            Engine(loaded, EngineSettings(**(settings | {"prefix_cache": False}))))
 
 
 async def reply(engine: Engine, messages: list[ChatMessage], sampling=GREEDY):
@@ -140,9 +141,11 @@ def test_a_cancelled_reply_is_kept_for_the_next_turn(loaded):
     assert follow_up.cached_tokens >= cancelled.prompt_tokens
 
 
-def test_the_cache_stays_within_its_budget(loaded):
-    budget_mb = 0.1  # about 200 tokens of this model's keys and values
-    engine = Engine(loaded, EngineSettings(prefix_cache_mb=budget_mb))
+def test_the_cache_stays_within_what_the_kv_budget_leaves(loaded):
+    # 2400 tokens: the rows of 8 replies reserve 8 x 256 (each rounded up to a step), the prompts
+    # being read up to 200 more, and the cache gets the rest, less than the 20 replies hold.
+    budget_mb = token_bytes(loaded.model.config, 4) * 2400 / 2**20
+    engine = Engine(loaded, EngineSettings(kv_cache_mb=budget_mb))
 
     async def many():
         return await asyncio.gather(*(reply(engine, [ChatMessage(role="user", content=f"Story {i}: once upon a time")])
@@ -156,6 +159,7 @@ def test_the_cache_stays_within_its_budget(loaded):
     stats = engine.prefix_cache.stats
     assert 0 < stats.bytes <= budget_mb * 2**20
     assert stats.evictions > 0
+    assert engine.kv_usage.peak <= budget_mb * 2**20
 
 
 def kv(length: int) -> list[torch.Tensor]:

@@ -27,6 +27,10 @@ class Rows:
     cache: DynamicCache
     mask: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return _cache_bytes(self.cache)
+
     def select(self, kept: list[bool]) -> Rows:
         rows = torch.tensor([i for i, keep in enumerate(kept) if keep])
         cache, mask = _take_rows(self.cache, self.mask, rows)
@@ -75,6 +79,10 @@ class PromptReader:
     def done(self) -> bool:
         return self.remaining == 0
 
+    @property
+    def nbytes(self) -> int:
+        return _cache_bytes(self.cache)
+
     def finish(self) -> None:
         """No cached prefix to let go of on this path."""
 
@@ -97,6 +105,19 @@ class Batch:
         self.requests: list = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token, 0 = padding
+
+    @property
+    def allocated(self) -> tuple[int, int]:
+        """Rows and columns of the cache now (it grows a column a step, by concatenation)."""
+        return (0, 0) if self.mask is None else tuple(self.mask.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return _cache_bytes(self.cache)
+
+    def reserve(self, rows: int, capacity: int | None) -> None:
+        """Nothing to cap here: the cache is exactly as long as its longest row (the engine's plan
+        counts this path's tokens twice, for the copy each step's concatenation makes)."""
 
     def add(self, rows: Rows) -> None:
         """Merge read prompts' caches in, as new rows."""
@@ -150,6 +171,10 @@ def _take_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> t
     mask = mask[rows]
     start = int((mask.sum(0) > 0).nonzero()[0])
     return _map_cache(cache, lambda t: t[rows, :, start:]), mask[:, start:]
+
+
+def _cache_bytes(cache: DynamicCache | None) -> int:
+    return sum(t.numel() * t.element_size() for k, v, *_ in (cache or []) for t in (k, v))
 
 
 def _map_cache(cache: DynamicCache, fn) -> DynamicCache:

@@ -39,6 +39,7 @@ from backend.engine import batch as generic_path, slots
 from backend.engine.constraint import Constraint, Vocabulary
 from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.engine.generation import Deliver, Finished, Generation, to_event_loop
+from backend.engine.kv_budget import KvBudget, reading_of, token_bytes
 from backend.engine.loading import LoadedModel
 from backend.engine.prefix_cache import PrefixCache
 from backend.engine.prompt import Prompt, encode_prompt
@@ -76,6 +77,11 @@ class _Request:
     outcome: str | None = None  # the finish reason, once finished
 
     @property
+    def end(self) -> int:
+        """The most tokens it can hold in the KV cache: its prompt and its token limit (its KV budget reservation)."""
+        return len(self.prompt_ids) + self.budget
+
+    @property
     def choices(self) -> list[_Request]:
         """This request and the replies that share its prompt."""
         return [self, *self.siblings]
@@ -111,14 +117,24 @@ class Engine:
         else:
             log.warning("%s runs through transformers' forward, without the slot cache, the prefix cache and the "
                         "compiled step, because %s", loaded.name, loaded.fallback)
+        # One bound on all keys and values: the rows, and the prefix cache in what they leave
+        # (kv_budget.py). Transformers' forward copies its whole cache each step (a concatenation):
+        # its tokens count twice.
+        dtype = slots.kv_dtype(loaded.model) if self.path is slots else loaded.model.dtype
+        self.kv_budget = KvBudget(int(limits.kv_cache_mb * 2**20),
+                                  token_bytes(loaded.model.config, dtype.itemsize) * (1 if self.path is slots else 2),
+                                  limits.max_running)
         # Keys and values of finished requests, for the next turn of their conversation.
-        self.prefix_cache = (PrefixCache(int(limits.prefix_cache_mb * 2**20))
-                             if self.path is slots and limits.prefix_cache_mb else None)
+        self.prefix_cache = (PrefixCache(self.kv_budget.limit)
+                             if self.path is slots and limits.prefix_cache else None)
+        self.kv_usage = KvUsage(budget=self.kv_budget.limit)
+        self._context_length = min(loaded.context_length, self.kv_budget.context_tokens())
         self.vocabulary = Vocabulary(loaded.tokenizer, self.vocab_size, list(loaded.eos_token_ids))
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled on submit and shutdown
-        self._waiting: collections.deque[_Request] = collections.deque()
+        self._waiting: collections.deque[_Request] = collections.deque()  # submitted, for the loop to take
+        self._queue: collections.deque[_Request] = collections.deque()  # the loop's: taken, not yet admitted
         self._pending = 0  # waiting or running
         self._running = 0
         self._stopped = False
@@ -139,7 +155,9 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.loaded.context_length
+        """The longest conversation (prompt and reply) a request may have: the model's context,
+        or less if the KV budget cannot hold that much for one request."""
+        return self._context_length
 
     @property
     def fallback(self) -> str | None:
@@ -188,12 +206,14 @@ class Engine:
         if outside := [i for i in prompt_ids if not 0 <= i < self.vocab_size]:
             raise InvalidSamplingError(f"The prompt holds token ids outside the vocabulary (0 to "
                                        f"{self.vocab_size - 1}): {outside[:5]}.", param="prompt")
-        room = self.context_length - len(prompt_ids)
+        room = min(self.context_length, self.kv_budget.longest_alone(len(prompt_ids), n)) - len(prompt_ids)
         if room < 1 or (not shorten and sampling.max_new_tokens > room):
+            held = (f"the model's context holds {self.context_length}" if n == 1 else
+                    f"{n} replies to it fit in the KV budget (engine.kv_cache_mb) with up to {len(prompt_ids) + room} each")
             raise PromptTooLongError(
                 f"The prompt is {len(prompt_ids)} tokens and the reply may take up to "
-                f"{sampling.max_new_tokens}; the model's context holds {self.context_length}. "
-                "Shorten the conversation or ask for fewer tokens."
+                f"{sampling.max_new_tokens}; {held}. Shorten the conversation or ask for fewer tokens"
+                f"{'' if n == 1 else ' or replies'}."
             )
         grammar = self.vocabulary.grammar(sampling.output_schema) if sampling.output_schema else None
         deliver = self._deliver or to_event_loop(asyncio.get_running_loop())
@@ -233,7 +253,7 @@ class Engine:
         reading: collections.deque = collections.deque()  # admitted, prompt still being read
         while True:
             with self._work:
-                while not (self._waiting or reading or batch.requests or self._stopped):
+                while not (self._waiting or self._queue or reading or batch.requests or self._stopped):
                     # Idle a moment: time to build the grammar's vocabulary, which holds the GIL
                     # for 0.35-1.5 s. Built at start, it slowed the first reply after a restart
                     # by 0.37 s (485 against 115 ms to its first token).
@@ -242,41 +262,91 @@ class Engine:
                     self._last_step = time.monotonic()
                 if self._stopped:
                     break
-                room = self.limits.max_running - len(batch.requests) - sum(len(p.request.choices) for p in reading)
-                admitted = []
-                while self._waiting and len(self._waiting[0].choices) <= room:
-                    admitted.append(self._waiting.popleft())
-                    room -= len(admitted[-1].choices)
+                self._queue.extend(self._waiting)
+                self._waiting.clear()
+            admitted = self._choose(batch, reading)
+            with self._lock:
                 for request in (choice for leader in admitted for choice in leader.choices):
                     request.running = True
                     self._running += 1
-            reading.extend(filter(None, map(self._admit, admitted)))
+            planned = self._plan(batch, [p.request for p in reading] + admitted)
+            reading.extend(filter(None, (self._admit(request, planned) for request in admitted)))
+            self._reserve(batch, reading)
             try:
                 self._read_prompts(reading, batch)
                 if batch.requests:
                     logits = batch.step()
+                    self._measure(batch, reading)
                     going_on = [self._advance(r, row) for r, row in zip(batch.requests, logits)]
                     self._remember(batch, [r for r, going in zip(batch.requests, going_on) if not going])
                     batch.keep([r for r, going in zip(batch.requests, going_on) if going])
             except Exception as exc:  # a failed forward pass fails the whole batch, not the loop
                 self._fail(batch.requests, exc, "Decode step")
                 batch = self._new_batch()
+            self._reserve(batch, reading)
+            self._measure(batch, reading)
             with self._lock:
                 self._last_step = time.monotonic()
         for request in [*batch.requests, *(c for p in reading for c in p.request.choices),
-                        *(c for leader in self._waiting for c in leader.choices)]:
+                        *(c for leader in [*self._queue, *self._waiting] for c in leader.choices)]:
             self._finish(request, Finished("cancelled"))
 
     def _new_batch(self):
         return self.path.Batch(self.loaded.model, self.limits.max_running)
 
-    def _admit(self, request: _Request):
-        """Ready a waiting prompt's replies and start reading it from its longest cached prefix."""
-        if all(choice.generation.cancelled for choice in request.choices):  # the client left while it waited
-            for choice in request.choices:
+    # ---- Scheduling within the KV budget (kv_budget.py) -------------------------
+
+    def _choose(self, batch, reading: collections.deque) -> list[_Request]:
+        """The queued requests to admit now, oldest first: while the batch has places for all their
+        replies, and their reservations fit in the KV budget beside those admitted before (and the
+        prefix cache's pinned entries, which cannot be evicted). The first that does not fit waits,
+        and those behind it with it. Requests whose clients left while they waited end here."""
+        leaders = [p.request for p in reading]
+        places = self.limits.max_running - len(batch.requests) - sum(len(leader.choices) for leader in leaders)
+        pinned = self.prefix_cache.pinned_bytes if self.prefix_cache else 0
+        for left in [leader for leader in self._queue if all(c.generation.cancelled for c in leader.choices)]:
+            self._queue.remove(left)
+            for choice in left.choices:
                 self._finish(choice, Finished("cancelled"))
-            return None
-        prefix = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache else None
+        admitted: list[_Request] = []
+        while self._queue:
+            head = self._queue[0]
+            if len(head.choices) > places:
+                break
+            # Alone it always fits (submit checks `longest_alone`); admitted then, whatever the sums say.
+            alone = not (batch.requests or leaders or admitted)
+            if not alone and self._plan(batch, leaders + admitted + [head]) + pinned > self.kv_budget.limit:
+                break
+            admitted.append(self._queue.popleft())
+            places -= len(head.choices)
+        return admitted
+
+    def _plan(self, batch, leaders: list[_Request]) -> int:
+        """The bytes the rows may reach with the batch's requests and `leaders` (admitted, their
+        prompts being read, and their replies then in the batch)."""
+        ends = [r.end for r in batch.requests] + [choice.end for leader in leaders for choice in leader.choices]
+        reading = [reading_of(len(leader.prompt_ids), len(leader.choices)) for leader in leaders]
+        return self.kv_budget.plan(ends, reading, batch.allocated)
+
+    def _reserve(self, batch, reading: collections.deque) -> None:
+        """Cap the batch's growth at what its requests and the prompts being read reserve, and
+        give the prefix cache what that leaves (it evicts down to it)."""
+        ends = [r.end for r in batch.requests] + [c.end for p in reading for c in p.request.choices]
+        batch.reserve(self.kv_budget.batch_rows(len(ends)), max(ends, default=0))
+        if self.prefix_cache is not None:
+            self.prefix_cache.fit(self.kv_budget.limit - self._plan(batch, [p.request for p in reading]))
+
+    def _measure(self, batch, reading: collections.deque, joining=None) -> None:
+        """What the keys and values take now, for the metrics, and its peak (the tests hold it to the budget)."""
+        rows = batch.nbytes + sum(p.nbytes for p in reading) + (joining.nbytes if joining is not None else 0)
+        cached = self.prefix_cache.stats.bytes if self.prefix_cache else 0
+        self.kv_usage = KvUsage(self.kv_budget.limit, rows, cached, max(self.kv_usage.peak, rows + cached))
+
+    def _admit(self, request: _Request, planned: int):
+        """Ready an admitted prompt's replies and start reading it from its longest cached prefix
+        (one whose entry fits beside the `planned` bytes of the rows: it cannot be evicted until read)."""
+        prefix = (self.prefix_cache.lookup(request.prompt_ids, pin_room=self.kv_budget.limit - planned)
+                  if self.prefix_cache else None)
         deadline = time.monotonic() + self.limits.max_seconds if self.limits.max_seconds else float("inf")
         try:
             for choice in request.choices:
@@ -310,7 +380,7 @@ class Engine:
             whole.append(reading.popleft())
         if whole:
             try:
-                self._join(batch, self.path.read_whole(self.loaded.model, whole))
+                self._join(batch, self.path.read_whole(self.loaded.model, whole), reading)
             except Exception as exc:  # fails these requests only
                 for prompt in whole:
                     prompt.finish()
@@ -325,9 +395,9 @@ class Engine:
                 return self._fail(prompt.request.choices, exc, "Prefill")
             if prompt.done:
                 reading.popleft()
-                self._join(batch, prompt.rows())
+                self._join(batch, prompt.rows(), reading)
 
-    def _join(self, batch, rows) -> None:
+    def _join(self, batch, rows, reading: collections.deque) -> None:
         """Sample each read prompt's first token; those that go on decoding join the batch.
         A prompt with several replies gives each its own copy of the row it was read into."""
         if any(request.siblings for request in rows.requests):
@@ -336,7 +406,9 @@ class Engine:
         going_on = [self._advance(request, logits) for request, logits in zip(rows.requests, rows.logits)]
         self._remember(rows, [r for r, going in zip(rows.requests, going_on) if not going])
         if any(going_on):
-            batch.add(rows.select(going_on))
+            rows = rows.select(going_on)
+            batch.add(rows)
+            self._measure(batch, reading, joining=rows)
 
     def _remember(self, holder, retired: list[_Request]) -> None:
         """Keep the keys and values of requests that end here (`holder`: the batch or read
@@ -418,6 +490,16 @@ class Engine:
             self._running -= request.running
         request.hand_over(finished)
         return False
+
+
+@dataclass(frozen=True)
+class KvUsage:
+    """Bytes of keys and values the engine holds (its decode loop's last measure) and their peak."""
+
+    budget: int
+    rows: int = 0  # the running replies' and the prompts being read
+    prefix_cache: int = 0
+    peak: int = 0  # the most rows and prefix cache held together at one measure
 
 
 def _failure(exc: Exception) -> GenerationError:

@@ -12,8 +12,9 @@ correct when the conversation does not re-tokenise as it was generated (a reply'
 text may encode to other ids than those sampled, a chat template may rewrite an
 earlier turn): the match simply ends earlier.
 
-One cache per engine, used by its decode loop thread only. The budget counts the
-bytes of the tensors held; least recently used entries go first, except those a
+One cache per engine, used by its decode loop thread only. Its room is what the engine's KV
+budget leaves beside the rows (`kv_budget.py`), so it changes as replies come and go (`fit`).
+It counts the bytes of the tensors held; least recently used entries go first, except those a
 request admitted but not yet read still needs (pinned by its `Hit` until released).
 """
 
@@ -67,7 +68,7 @@ class PrefixCacheStats:
 
 class PrefixCache:
     def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
+        self.budget_bytes = budget_bytes  # the room it has now (`fit`)
         self._entries: collections.OrderedDict[int, Entry] = collections.OrderedDict()  # oldest use first
         self._ids = itertools.count()
         self.stats = PrefixCacheStats()
@@ -75,10 +76,22 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt_ids: list[int]) -> Hit | None:
+    @property
+    def pinned_bytes(self) -> int:
+        """Held by entries a request still has to copy: these cannot be evicted."""
+        return sum(entry.nbytes for entry in self._entries.values() if entry.pins)
+
+    def fit(self, budget_bytes: int) -> None:
+        """Room for `budget_bytes` from now on: evict the least recently used unpinned entries
+        until what is held fits (pinned ones stay; the engine plans so that they fit)."""
+        self.budget_bytes = max(budget_bytes, 0)
+        self._evict()
+
+    def lookup(self, prompt_ids: list[int], pin_room: int | None = None) -> Hit | None:
         """The longest cached prefix of `prompt_ids` that leaves at least its last token to
         read (its logits are the reply's first), pinned until the hit is released. None if no entry
-        shares a token with it."""
+        shares a token with it, or if pinning its entry would take the pinned bytes past `pin_room`
+        (then it could not be evicted to make room for the rows: the prompt is read whole)."""
         prompt = torch.tensor(prompt_ids)
         best, best_key, length = None, None, 0
         for key, entry in self._entries.items():
@@ -87,6 +100,8 @@ class PrefixCache:
         length = min(length, len(prompt_ids) - 1)
         self.stats.queried_tokens += len(prompt_ids)
         if best is None or length < 1:
+            return None
+        if pin_room is not None and not best.pins and self.pinned_bytes + best.nbytes > pin_room:
             return None
         self._entries.move_to_end(best_key)
         best.pins += 1

@@ -33,6 +33,7 @@ Any other replica, or one asking for another model, gets an engine process of it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -90,7 +91,7 @@ class EngineProcess:
         self._asks: dict[int, tuple] = {}
         self._ask_ids = itertools.count()
         self._generations: dict[int, tuple[Generation, asyncio.AbstractEventLoop]] = {}
-        self._status = {"running": 0, "in_flight": 0, "problem": None, "prefix_cache": None}
+        self._status = {"running": 0, "in_flight": 0, "problem": None, "prefix_cache": None, "kv": None, "rss": 0}
         self._status_at = time.monotonic()
         self._gone: str | None = None
         self._stopping = False
@@ -120,9 +121,14 @@ class EngineProcess:
         return await self._ask(None, "fit", conversation, budget)
 
     async def stats(self) -> dict:
-        """Now, not as last reported: {"running", "in_flight", "prefix_cache"} (PrefixCacheStats
-        as a dict, or None without a prefix cache)."""
+        """Now, not as last reported: {"running", "in_flight", "prefix_cache", "kv", "rss"}: PrefixCacheStats
+        as a dict (None without a prefix cache), the engine's KvUsage as a dict, the engine process's RSS."""
         return await self._ask(None, "stats")
+
+    @property
+    def memory(self) -> tuple[int, dict | None]:
+        """As last reported: the engine process's resident bytes, and its KvUsage as a dict (None before the first report)."""
+        return self._status["rss"], self._status["kv"]
 
     @property
     def running(self) -> int:
@@ -362,7 +368,8 @@ def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) ->
     def stats():
         cache = engine.prefix_cache
         return {"running": engine.running, "in_flight": engine.in_flight,
-                "prefix_cache": vars(cache.stats).copy() if cache else None}
+                "prefix_cache": vars(cache.stats).copy() if cache else None,
+                "kv": dataclasses.asdict(engine.kv_usage), "rss": resident_bytes()}
 
     answers = {"submit": submit, "stats": stats,
                "fit": lambda conversation, budget: fit_to_context(conversation, engine.count_prompt_tokens, budget)}
@@ -390,6 +397,12 @@ def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) ->
         elif message[0] == "stop":
             break
     engine.shutdown()
+
+
+def resident_bytes(pid: int | str = "self") -> int:
+    """A process's resident memory (RSS), from /proc."""
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _loaded_ahead(warm: tuple[ModelSettings, Future] | None, model: ModelSettings):

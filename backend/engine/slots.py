@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.engine import families
+from backend.engine.kv_budget import STEP
 from backend.engine.prefix_cache import Hit
 from backend.engine.quant import ONEDNN_BF16, Bf16Linear, fuse
 
@@ -62,26 +63,46 @@ class KV:
     0.72-0.75x SDPA's time at 230 positions (SDPA's q·Kᵀ on untransposed keys is its slow
     part); a whole decode step 0.98x at 200 positions, 0.92-0.95x at 400."""
 
-    def __init__(self, model: torch.nn.Module, rows: int, capacity: int = 256):
+    def __init__(self, model: torch.nn.Module, rows: int, capacity: int = STEP):
         config = model.config
         self.rows, self.capacity = rows, capacity
+        # The most columns growing may reach (the KV budget's plan for a batch); None: no cap.
+        self.capacity_cap: int | None = None
+        self.layers = config.num_hidden_layers
         self.kv_heads, self.head_dim = config.num_key_value_heads, _head_dim(config)
-        self.dtype = model.get_input_embeddings().weight.dtype
-        layers = range(config.num_hidden_layers)
-        self.keys = [torch.zeros(rows, self.kv_heads, self.head_dim, capacity, dtype=self.dtype) for _ in layers]
-        self.values = [torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype) for _ in layers]
+        self.dtype = kv_dtype(model)
+        self.keys, self.values = self._zeros(rows, capacity)
+
+    def _zeros(self, rows: int, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return ([torch.zeros(rows, self.kv_heads, self.head_dim, capacity, dtype=self.dtype) for _ in range(self.layers)],
+                [torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype) for _ in range(self.layers)])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def make_room(self, columns: int) -> None:
-        """Grow (doubling) until `columns` columns fit; the old contents are kept."""
+        """Grow (doubling, up to `capacity_cap`) until `columns` columns fit; the contents are kept."""
         if columns <= self.capacity:
             return
-        capacity = self.capacity
+        capacity = max(self.capacity, STEP)
         while capacity < columns:
             capacity *= 2
-        more = capacity - self.capacity
-        self.keys = [F.pad(k, (0, more)) for k in self.keys]
-        self.values = [F.pad(v, (0, 0, 0, more)) for v in self.values]
-        self.capacity = capacity
+        if self.capacity_cap is not None:
+            capacity = max(min(capacity, self.capacity_cap), columns)
+        self.resize(self.rows, capacity)
+
+    def resize(self, rows: int, capacity: int) -> None:
+        """Reallocate for `rows` rows of `capacity` columns, keeping what fits of the contents."""
+        if (rows, capacity) == (self.rows, self.capacity):
+            return
+        keys, values = self._zeros(rows, capacity)
+        kept_rows, kept_columns = min(rows, self.rows), min(capacity, self.capacity)
+        for new, old in zip(keys, self.keys):
+            new[:kept_rows, ..., :kept_columns] = old[:kept_rows, ..., :kept_columns]
+        for new, old in zip(values, self.values):
+            new[:kept_rows, :, :kept_columns] = old[:kept_rows, :, :kept_columns]
+        self.keys, self.values, self.rows, self.capacity = keys, values, rows, capacity
 
     def copy_row(self, source: KV, source_row: int, row: int, length: int) -> None:
         self.make_room(length)
@@ -425,6 +446,12 @@ def _rotary_tables(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torc
     return tables
 
 
+def kv_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The keys' and values' dtype: the activations' (a norm's weight is in it; the embedding
+    may be stored quantised)."""
+    return model.model.norm.weight.dtype
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -437,6 +464,10 @@ class Rows:
     requests: list
     logits: torch.Tensor
     kv: KV
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
 
     def select(self, kept: list[bool]) -> Rows:
         rows = torch.tensor([i for i, keep in enumerate(kept) if keep])
@@ -500,6 +531,11 @@ class PromptReader:
     def done(self) -> bool:
         return self.remaining == 0
 
+    @property
+    def nbytes(self) -> int:
+        """The keys and values it holds of its own (a prompt read in chunks)."""
+        return self.kv.nbytes if self.kv is not None else 0
+
     def read(self, budget: int) -> None:
         if self.kv is None:
             self.kv = KV(self.model, 1, capacity=len(self.request.prompt_ids))
@@ -522,18 +558,47 @@ class PromptReader:
 
 
 class Batch:
-    """The running requests, request i in KV row i, each at its own length."""
+    """The running requests, request i in KV row i, each at its own length.
+
+    Its KV is allocated as the requests come, within what `reserve` allows (the KV budget's
+    plan): rows in powers of two, columns doubling; let go when the batch empties."""
 
     def __init__(self, model: torch.nn.Module, rows: int = 8):
         self.model = model
         self.requests: list = []
-        self.kv = KV(model, rows)
+        self.kv = KV(model, 0, 0)
+        self.reserved = (rows, None)  # rows and columns the KV may grow to (None: any)
+
+    @property
+    def allocated(self) -> tuple[int, int]:
+        """The KV's rows and columns now."""
+        return self.kv.rows, self.kv.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+    def reserve(self, rows: int, capacity: int | None) -> None:
+        """Grow to no more than `rows` rows of `capacity` columns from now on. Shrinks at once to
+        nothing when the batch is empty, and to the reservation when the KV holds over twice it
+        (so the memory of a long reply that ended goes back to the prefix cache, without
+        reallocating at every reply's end)."""
+        self.reserved = (rows, capacity)
+        self.kv.capacity_cap = capacity
+        if not self.requests:
+            self.kv.resize(0, 0)
+        elif capacity is not None and self.kv.rows * self.kv.capacity > 2 * rows * capacity:
+            self.kv.resize(max(rows, len(self.requests)), max(capacity, max(r.length for r in self.requests)))
 
     def add(self, rows: Rows) -> None:
+        needed = len(self.requests) + len(rows.requests)
+        if needed > self.kv.rows:
+            grown = max(self.kv.rows, 1)
+            while grown < needed:
+                grown *= 2
+            self.kv.resize(max(min(grown, self.reserved[0]), needed), self.kv.capacity)
         for i, request in enumerate(rows.requests):
             request.length = len(request.prompt_ids)
-            if len(self.requests) == self.kv.rows:
-                raise RuntimeError("more running requests than KV rows")
             self.kv.copy_row(rows.kv, i, len(self.requests), request.length)
             self.requests.append(request)
 

@@ -6,12 +6,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 def textbot_samples(metrics_url: str, app: str) -> dict[str, float]:
     """Textbot's metric samples for one application, summed over replicas and tags but
-    the finish reason: name (and finish reason) -> value."""
+    the finish reason and the part: name (and finish reason or part) -> value."""
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
         for sample in family.samples:
             if sample.name.startswith("ray_textbot_") and sample.labels.get("application") == app:
-                key = sample.name + (f"[{sample.labels['finish_reason']}]" if "finish_reason" in sample.labels else "")
+                tag = sample.labels.get("finish_reason") or sample.labels.get("part")
+                key = sample.name + (f"[{tag}]" if tag else "")
                 if "le" not in sample.labels:  # bucket counts are cumulative; count and sum suffice here
                     samples[key] = samples.get(key, 0.0) + sample.value
     return samples
