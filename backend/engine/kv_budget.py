@@ -18,7 +18,8 @@ with that, not with a rosier figure:
 A request waits in the queue (and is refused with the 503 of today past `max_waiting`) while
 its reservation does not fit beside the others'; a request that could not fit even alone is
 refused at once, or its reply shortened, as one that overflows the model's context is. The
-sums below are all of it: `Engine._check_budget` (tests) measures what is allocated against them.
+sums below are all of it; the engine measures what it has allocated as it goes (`Engine.kv_usage`,
+its peak held to the budget by tests/test_kv_budget.py, and on /metrics).
 """
 
 from __future__ import annotations

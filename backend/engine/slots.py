@@ -79,7 +79,7 @@ class KV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.rows * self.capacity * self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def make_room(self, columns: int) -> None:
         """Grow (doubling, up to `capacity_cap`) until `columns` columns fit; the contents are kept."""
