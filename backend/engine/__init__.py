@@ -10,6 +10,7 @@
     compiled.py     that path's decode step compiled ahead of time (AOTInductor), built once, loaded at start
     batch.py        the generic path, through Hugging Face's forward
     prefix_cache.py keys and values of finished requests, for a conversation's next turn
+    kv_budget.py    one bound on all keys and values (rows and prefix cache): the plan admission follows (no torch)
     sampling.py     the next token from logits, per request
     constraint.py   structured output: a JSON schema's grammar masks the tokens that would break it
     stops.py        stop strings, cut before they reach the client
