@@ -19,14 +19,15 @@ REPLY = ResolvedSampling(max_new_tokens=40, temperature=0.0, top_p=1.0)
 
 
 def test_the_plan_counts_rows_in_powers_of_two_at_the_longest_reply_and_the_prompts_being_read():
-    budget = KvBudget(limit=100 * STEP * 10, token_bytes=10, max_rows=8)
+    budget = KvBudget(limit=100 * STEP * 10, token_bytes=10, max_rows=8, tensors=4)
     assert [budget.batch_rows(n) for n in (0, 1, 2, 3, 5, 8)] == [0, 1, 2, 4, 8, 8]
-    # Three replies ending at 100, 300 and 50 tokens: 4 rows of 512 (two steps), and a prompt of 20 being read.
-    assert budget.plan([100, 300, 50], [Reading(1, 20)]) == (4 * 512 + 20) * 10
+    # Three replies ending at 100, 300 and 50 tokens: 4 rows of 512 (two steps), a quarter of that
+    # (one of the 4 tensors reallocated), and a prompt of 20 being read.
+    assert budget.plan([100, 300, 50], [Reading(1, 20)]) == (4 * 512 * 5 // 4 + 20) * 10
     # A batch keeps what it has allocated until it shrinks.
-    assert budget.plan([100], [], allocated=(8, 1024)) == 8 * 1024 * 10
-    # Alone, a request may reach what its row and its prompt's own KV leave: here 1000 steps' worth.
-    assert budget.longest_alone(prompt_tokens=100) == (100 * STEP - 100) // STEP * STEP
+    assert budget.plan([100], [], allocated=(8, 1024)) == 8 * 1024 * 5 // 4 * 10
+    # Alone, a request may reach what its row (and a reallocation) and its prompt's own KV leave.
+    assert budget.longest_alone(prompt_tokens=100) == (100 * STEP - 100) * 4 // 5 // STEP * STEP
     assert budget.longest_alone(prompt_tokens=100, replies=3) < budget.longest_alone(prompt_tokens=100) // 3
     assert budget.context_tokens() <= budget.tokens // 2
 
@@ -46,9 +47,11 @@ def budget_mb(loaded, tokens: int) -> float:
 
 
 def test_replies_beyond_the_budget_wait_for_room_and_all_finish(loaded):
-    # Room for two rows of one step, and the prompts being read beside them; not for a third row
-    # (rows go in powers of two: three would take four).
-    engine = Engine(loaded, EngineSettings(kv_cache_mb=budget_mb(loaded, 2 * STEP + 100), prefix_cache=False))
+    # Room for two rows of one step (and one of their tensors reallocated), and the prompts being
+    # read beside them; not for a third row (rows go in powers of two: three would take four).
+    tensors = 2 * loaded.model.config.num_hidden_layers
+    two_rows = 2 * STEP + 2 * STEP // tensors + 100
+    engine = Engine(loaded, EngineSettings(kv_cache_mb=budget_mb(loaded, two_rows), prefix_cache=False))
     spans: dict[int, list[float]] = {}
 
     async def reply(i: int):
@@ -79,11 +82,11 @@ def test_replies_beyond_the_budget_wait_for_room_and_all_finish(loaded):
 
 
 def test_a_request_that_could_not_fit_alone_is_refused_or_shortened(loaded):
-    engine = Engine(loaded, EngineSettings(kv_cache_mb=budget_mb(loaded, 2 * STEP)))
+    engine = Engine(loaded, EngineSettings(kv_cache_mb=budget_mb(loaded, 3 * STEP)))
     try:
-        # The context the engine reports is what one conversation can fill within the budget.
-        assert engine.context_length < loaded.context_length
-        assert engine.context_length <= STEP
+        # The context the engine reports is what one conversation can fill within the budget:
+        # under half of it (its prompt is held twice while it joins the batch).
+        assert 0 < engine.context_length <= 3 * STEP // 2 < loaded.context_length
         long_reply = REPLY.model_copy(update={"max_new_tokens": 2 * STEP})
         conversation = [ChatMessage(role="user", content="Hello!")]
         with pytest.raises(PromptTooLongError, match="context holds"):

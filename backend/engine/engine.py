@@ -123,7 +123,7 @@ class Engine:
         dtype = slots.kv_dtype(loaded.model) if self.path is slots else loaded.model.dtype
         self.kv_budget = KvBudget(int(limits.kv_cache_mb * 2**20),
                                   token_bytes(loaded.model.config, dtype.itemsize) * (1 if self.path is slots else 2),
-                                  limits.max_running)
+                                  limits.max_running, tensors=2 * loaded.model.config.num_hidden_layers)
         # Keys and values of finished requests, for the next turn of their conversation.
         self.prefix_cache = (PrefixCache(self.kv_budget.limit)
                              if self.path is slots and limits.prefix_cache else None)

@@ -10,6 +10,8 @@ with that, not with a rosier figure:
 - a reply reserves, when it is admitted, the most tokens it can reach: its prompt and its
   token limit (`_Request.end`). The batch's rows grow in powers of two up to `max_running`, its
   capacity in steps of `STEP` tokens up to the longest reservation, and never past them;
+- growing or shrinking, the batch reallocates one layer's keys or values at a time, so it
+  holds one such tensor more meanwhile (`tensors`: how many it is split into);
 - a prompt being read holds a KV of its own, its prompt's length, until it joins the batch
   (and a copy per reply when it has several);
 - the prefix cache gets what the two leave, and evicts its least recently used entries to
@@ -59,6 +61,7 @@ class KvBudget:
     limit: int  # bytes, all the keys and values together
     token_bytes: int  # one token's, over all layers
     max_rows: int  # engine.max_running: the batch never has more rows
+    tensors: int = 1  # the batch's keys and values are this many tensors (two per layer), reallocated one by one
 
     @property
     def tokens(self) -> int:
@@ -83,7 +86,8 @@ class KvBudget:
         read in KVs of their own."""
         rows = max(self.batch_rows(len(ends)), allocated[0])
         capacity = max(max(ends, default=0), allocated[1])
-        return (self.batch_bytes(rows, capacity) if rows else 0) + self.reading_bytes(reading)
+        batch = self.batch_bytes(rows, capacity) if rows else 0
+        return batch + -(-batch // self.tensors) + self.reading_bytes(reading)
 
     def reading_bytes(self, reading: list[Reading]) -> int:
         # Prompts read together share one KV as wide as the longest of them: count each at that.
@@ -95,15 +99,18 @@ class KvBudget:
         `prompt_tokens` may reach with nothing else in the budget: its batch rows, and its
         prompt's own KV while it is read."""
         reading = self.reading_bytes([reading_of(prompt_tokens, replies)])
-        per_row = (self.limit - reading) // (self.batch_rows(replies) * self.token_bytes)
+        per_row = (self.limit - reading) * self.tensors // ((self.tensors + 1) * self.batch_rows(replies) * self.token_bytes)
         return per_row // STEP * STEP
 
     def context_tokens(self) -> int:
         """The longest conversation (prompt and reply) one request can hold within the budget."""
-        tokens = self.tokens // 2  # its prompt's KV and its batch row, while it joins the batch
-        while tokens > 0 and self.longest_alone(tokens - 1) < tokens:
-            tokens -= STEP
-        return max(tokens, 0)
+        # The most tokens T such that a prompt of T - 1 leaves room for one more: a search, since
+        # the room left falls as the prompt grows (its own KV while it is read).
+        low, high = 0, self.tokens
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.longest_alone(middle - 1) >= middle else (low, middle - 1)
+        return low
 
 
 def reading_of(prompt_tokens: int, replies: int) -> Reading:

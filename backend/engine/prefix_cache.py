@@ -120,16 +120,18 @@ class PrefixCache:
                 return
             if shared == len(entry) and not entry.pins:  # the new entry covers it
                 self._drop(key)
-        entry = Entry(new, [k.clone() for k in keys], [v.clone() for v in values])
-        if entry.nbytes > self.budget_bytes:
+        # Room first, then the copy: the cache never holds more than its budget, even for a moment.
+        nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
+        if nbytes > self.budget_bytes - self.pinned_bytes:
             return
+        self._evict(room_for=nbytes)
+        entry = Entry(new, [k.clone() for k in keys], [v.clone() for v in values])
         self._entries[next(self._ids)] = entry
         self.stats.bytes += entry.nbytes
-        self._evict()
 
-    def _evict(self) -> None:
+    def _evict(self, room_for: int = 0) -> None:
         for key in [key for key, entry in self._entries.items() if not entry.pins]:
-            if self.stats.bytes <= self.budget_bytes:
+            if self.stats.bytes + room_for <= self.budget_bytes:
                 break
             self._drop(key)
             self.stats.evictions += 1

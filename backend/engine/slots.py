@@ -93,16 +93,21 @@ class KV:
         self.resize(self.rows, capacity)
 
     def resize(self, rows: int, capacity: int) -> None:
-        """Reallocate for `rows` rows of `capacity` columns, keeping what fits of the contents."""
+        """Reallocate for `rows` rows of `capacity` columns, keeping what fits of the contents.
+        One tensor at a time, each let go once copied: while it runs the KV holds at most one
+        tensor more than before or after (which the KV budget's plan counts)."""
         if (rows, capacity) == (self.rows, self.capacity):
             return
-        keys, values = self._zeros(rows, capacity)
         kept_rows, kept_columns = min(rows, self.rows), min(capacity, self.capacity)
-        for new, old in zip(keys, self.keys):
-            new[:kept_rows, ..., :kept_columns] = old[:kept_rows, ..., :kept_columns]
-        for new, old in zip(values, self.values):
-            new[:kept_rows, :, :kept_columns] = old[:kept_rows, :, :kept_columns]
-        self.keys, self.values, self.rows, self.capacity = keys, values, rows, capacity
+        for i, old in enumerate(self.keys):
+            self.keys[i] = torch.zeros(rows, self.kv_heads, self.head_dim, capacity, dtype=self.dtype)
+            self.keys[i][:kept_rows, ..., :kept_columns] = old[:kept_rows, ..., :kept_columns]
+            del old
+        for i, old in enumerate(self.values):
+            self.values[i] = torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype)
+            self.values[i][:kept_rows, :, :kept_columns] = old[:kept_rows, :, :kept_columns]
+            del old
+        self.rows, self.capacity = rows, capacity
 
     def copy_row(self, source: KV, source_row: int, row: int, length: int) -> None:
         self.make_room(length)
