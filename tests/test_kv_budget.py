@@ -103,3 +103,39 @@ def test_a_request_that_could_not_fit_alone_is_refused_or_shortened(loaded):
         assert generation.prompt_tokens + generation.completion_tokens <= engine.context_length
     finally:
         engine.shutdown()
+
+
+def test_a_mixed_load_never_holds_more_than_the_budget(loaded):
+    """Conversations continuing from the prefix cache, long prompts read in chunks, several
+    replies to one prompt, all at once, on a budget that fits a few of them."""
+    engine = Engine(loaded, EngineSettings(kv_cache_mb=budget_mb(loaded, 12 * STEP), prefill_chunk=16))
+    story = " ".join(f"line {i} of a long story," for i in range(15))
+
+    async def conversation(i: int):
+        history, generations = [], []
+        for turn in ("Hello!", f"Tell me about {i}.", "And then?"):
+            history.append(ChatMessage(role="user", content=turn))
+            generation = engine.submit(history, REPLY)
+            history.append(ChatMessage(role="assistant", content="".join([p async for p in generation])))
+            generations.append(generation)
+        return generations
+
+    async def choices(i: int):
+        generations = engine.submit_choices([ChatMessage(role="user", content=f"{story} {i}")], REPLY, 2)
+        for generation in generations:
+            async for _ in generation:
+                pass
+        return generations
+
+    async def load():
+        results = await asyncio.gather(*(conversation(i) for i in range(4)), *(choices(i) for i in range(3)))
+        return [g for generations in results for g in generations]
+
+    try:
+        generations = asyncio.run(load())
+    finally:
+        engine.shutdown()
+    assert all(g.finish_reason in ("stop", "length") for g in generations), [g.finish_reason for g in generations]
+    assert sum(g.cached_tokens for g in generations) > 0  # later turns read from the prefix cache
+    assert 0 < engine.kv_usage.peak <= engine.kv_budget.limit
+    assert engine.prefix_cache.stats.bytes <= engine.kv_budget.limit

@@ -206,10 +206,12 @@ class Engine:
         if outside := [i for i in prompt_ids if not 0 <= i < self.vocab_size]:
             raise InvalidSamplingError(f"The prompt holds token ids outside the vocabulary (0 to "
                                        f"{self.vocab_size - 1}): {outside[:5]}.", param="prompt")
-        room = min(self.context_length, self.kv_budget.longest_alone(len(prompt_ids), n)) - len(prompt_ids)
+        longest = min(self.context_length, self.kv_budget.longest_alone(len(prompt_ids), n))
+        room = longest - len(prompt_ids)
         if room < 1 or (not shorten and sampling.max_new_tokens > room):
             held = (f"the model's context holds {self.context_length}" if n == 1 else
-                    f"{n} replies to it fit in the KV budget (engine.kv_cache_mb) with up to {len(prompt_ids) + room} each")
+                    f"the KV budget (engine.kv_cache_mb) holds {n} replies to it of up to {max(longest, 0)} "
+                    "tokens each, the prompt included")
             raise PromptTooLongError(
                 f"The prompt is {len(prompt_ids)} tokens and the reply may take up to "
                 f"{sampling.max_new_tokens}; {held}. Shorten the conversation or ask for fewer tokens"
@@ -375,7 +377,7 @@ class Engine:
                 self._finish(choice, Finished("cancelled"))
         budget = self.limits.prefill_chunk
         whole = []
-        while reading and not reading[0].started and reading[0].remaining <= budget:
+        while reading and not reading[0].started and reading[0].remaining <= budget and _fits_beside(whole, reading[0]):
             budget -= reading[0].remaining
             whole.append(reading.popleft())
         if whole:
@@ -490,6 +492,16 @@ class Engine:
             self._running -= request.running
         request.hand_over(finished)
         return False
+
+
+def _fits_beside(group: list, prompt) -> bool:
+    """Whether `prompt` may be read in one forward pass with `group` in a KV as wide as their longest
+    prompt (what the KV budget counts for them). Each row is padded to the longest unread part, so a
+    prompt with a long cached prefix beside one with a long unread part would need a wider one: it
+    waits for the next step."""
+    prompts = [*group, prompt]
+    width = max(p.remaining for p in prompts)
+    return max(p.tokens_read for p in prompts) + width <= max(len(p.request.prompt_ids) for p in prompts)
 
 
 @dataclass(frozen=True)

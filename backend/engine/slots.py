@@ -492,7 +492,8 @@ class Rows:
 def read_whole(model: torch.nn.Module, readers: list[PromptReader]) -> Rows:
     """What is left of several prompts, in one forward pass: each row starts with its cached
     prefix (if any), then its unread tokens, right-padded to the longest. A padded row writes
-    columns past its prompt, which its first decode step overwrites before any query reads them."""
+    columns past its prompt, which its first decode step overwrites before any query reads them;
+    the engine groups prompts so that these stay within the longest prompt's columns (the KV's width)."""
     rows, width = len(readers), max(reader.remaining for reader in readers)
     kv = KV(model, rows, capacity=max(len(reader.request.prompt_ids) for reader in readers))
     tokens = torch.zeros(rows, width, dtype=torch.long)
