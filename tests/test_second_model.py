@@ -15,7 +15,9 @@ def client(base_url: str) -> OpenAI:
 def test_gemma_is_listed_as_running_on_the_engines_own_transformer(base_url):
     [card] = client(base_url).models.list().data
     assert (card.id, card.loaded, card.engine, card.quantization) == (GEMMA, True, "textbot", "int4")
-    assert card.context_length == 32768
+    # Gemma's context is 32768 tokens; the default KV budget (768 MB, 36 KB a token) holds one
+    # conversation of 10752 (kv_budget.KvBudget.context_tokens), and that is what a client is told.
+    assert card.context_length == 10752
 
 
 def test_gemma_completes_a_text_greedily_and_reads_a_repeated_prompt_from_its_prefix_cache(base_url):
