@@ -1,7 +1,10 @@
 """TextbotAPI: the HTTP ingress under /api. It validates requests, streams each
 reply from a Textbot replica through a DeploymentHandle, and speaks the
-protocols: the tutorial's text stream and WebSocket chat, and OpenAI's chat
-completions and completions (backend/openai/).
+protocols: the tutorial's text stream and WebSocket chat, OpenAI's chat
+completions, completions and Responses (backend/openai/), and Anthropic's
+Messages (backend/anthropic/). The three chat-like APIs reach the model one
+way: each turns its request into a ReplyPlan (backend/openai/plan.py), run by
+`_reply`.
 
 It loads no model (no torch import), so it starts in seconds and outlives the
 model replicas: when one dies mid-reply, the client still gets an error in its
@@ -25,6 +28,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from backend.anthropic import messages
+from backend.anthropic.protocol import CountTokensRequest, Message, MessagesRequest, TokenCount
 from backend.auth import BearerKeyMiddleware
 from backend.errors import RETRY_AFTER_S, APIError, GenerationError, install_error_handlers
 from backend.limits import install_body_limit
@@ -208,6 +213,24 @@ class TextbotAPI:
                                      media_type="text/event-stream", headers=STREAM_HEADERS | headers)
         response = await responses.respond(request, plan, reply, self.model_name)
         return JSONResponse(response.model_dump(mode="json", by_alias=True), headers=headers)
+
+    @api.post("/v1/messages", response_model=Message,
+              summary="Anthropic Messages: text and tool use, streaming (SSE events) or not")
+    async def create_message(self, request: MessagesRequest, session_id: SessionHeader = None):
+        self._check_model(request.model)
+        plan = messages.reply_plan(request, session_id)
+        reply, _ = await self._reply(plan)
+        if request.stream:
+            return StreamingResponse(messages.sse_stream(plan, await started(reply), self.model_name),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        return JSONResponse((await messages.create(plan, reply, self.model_name)).model_dump(mode="json"))
+
+    @api.post("/v1/messages/count_tokens", response_model=TokenCount,
+              summary="Anthropic Messages: the prompt's tokens, tools and system prompt included")
+    async def count_message_tokens(self, request: CountTokensRequest, session_id: SessionHeader = None) -> TokenCount:
+        self._check_model(request.model)
+        reply, _ = await self._reply(messages.count_plan(request, session_id))
+        return TokenCount(input_tokens=await messages.count(reply))
 
     @api.post("/v1/completions", response_model=Completion,
               summary="OpenAI-compatible (legacy) text completions, streaming (SSE) or not")
