@@ -78,12 +78,12 @@ class UnsupportedBlock(BaseModel):
 
 def _block_kind(block: Any) -> str:
     kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
-    return kind if kind in ("text", "tool_use", "tool_result") else "unsupported"
+    return f"kind:{kind}" if kind in ("text", "tool_use", "tool_result") else "kind:unsupported"
 
 
 ContentBlock = Annotated[
-    Annotated[TextBlock, Tag("text")] | Annotated[ToolUseBlock, Tag("tool_use")]
-    | Annotated[ToolResultBlock, Tag("tool_result")] | Annotated[UnsupportedBlock, Tag("unsupported")],
+    Annotated[TextBlock, Tag("kind:text")] | Annotated[ToolUseBlock, Tag("kind:tool_use")]
+    | Annotated[ToolResultBlock, Tag("kind:tool_result")] | Annotated[UnsupportedBlock, Tag("kind:unsupported")],
     Discriminator(_block_kind)]
 
 

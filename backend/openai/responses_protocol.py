@@ -85,7 +85,8 @@ class FunctionCallOutputItem(BaseModel):
 
 def _item_kind(item: Any) -> str:
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    return kind if kind in ("message", "function_call", "function_call_output") else "unsupported"
+    # Tags that are not field names keep error locations clean ("input.0.content", not "input.0.message.content").
+    return f"kind:{kind}" if kind in ("message", "function_call", "function_call_output") else "kind:unsupported"
 
 
 class UnsupportedItem(BaseModel):
@@ -100,8 +101,8 @@ class UnsupportedItem(BaseModel):
 
 
 InputItem = Annotated[
-    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[UnsupportedItem, Tag("unsupported")],
+    Annotated[InputMessage, Tag("kind:message")] | Annotated[FunctionCallItem, Tag("kind:function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("kind:function_call_output")] | Annotated[UnsupportedItem, Tag("kind:unsupported")],
     Discriminator(_item_kind)]
 
 
