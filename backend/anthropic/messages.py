@@ -13,9 +13,9 @@ import json
 from collections.abc import AsyncIterator
 
 from backend.anthropic.protocol import (
-    BlockDeltaEvent, BlockStartEvent, BlockStopEvent, CountTokensRequest, InputJsonDelta, Message, MessageDelta,
+    BlockDeltaEvent, BlockStartEvent, MessageUsage, BlockStopEvent, CountTokensRequest, InputJsonDelta, Message, MessageDelta,
     MessageDeltaEvent, MessagesPrompt, MessagesRequest, MessageStartEvent, MessageStopEvent, OutputTextBlock,
-    OutputToolUseBlock, TextBlock, TextDelta, ToolResultBlock, ToolUseBlock, Usage,
+    OutputToolUseBlock, TextBlock, TextDelta, ToolResultBlock, ToolUseBlock,
 )
 from backend.openai import tools
 from backend.openai.plan import ReplyPlan, constrained
@@ -73,8 +73,8 @@ def count_plan(request: CountTokensRequest, session: str | None) -> ReplyPlan:
                      "POST /v1/messages/count_tokens", session=session)
 
 
-def usage(counter: UsageCounter) -> Usage:
-    return Usage(input_tokens=counter.prompt_tokens - counter.cached_tokens, output_tokens=counter.completion_tokens,
+def usage(counter: UsageCounter) -> MessageUsage:
+    return MessageUsage(input_tokens=counter.prompt_tokens - counter.cached_tokens, output_tokens=counter.completion_tokens,
                  cache_read_input_tokens=counter.cached_tokens)
 
 

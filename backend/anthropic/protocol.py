@@ -87,7 +87,7 @@ ContentBlock = Annotated[
     Discriminator(_block_kind)]
 
 
-class InputMessage(BaseModel):
+class ConversationMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["user", "assistant"]
@@ -155,7 +155,7 @@ class MessagesPrompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="The served model's id (see /v1/models).")
-    messages: list[InputMessage] = Field(min_length=1)
+    messages: list[ConversationMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: Annotated[list[Tool], Field(max_length=64)] | None = None
     tool_choice: ToolChoice | None = Field(None, description="Default: 'auto' with tools.")
@@ -224,7 +224,7 @@ OutputBlock = OutputTextBlock | OutputToolUseBlock
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
-class Usage(BaseModel):
+class MessageUsage(BaseModel):
     input_tokens: int = Field(description="Prompt tokens not read from the prefix cache (Anthropic's count).")
     output_tokens: int
     cache_creation_input_tokens: int = 0
@@ -239,7 +239,7 @@ class Message(BaseModel):
     content: list[OutputBlock] = []
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
-    usage: Usage
+    usage: MessageUsage
 
 
 class TokenCount(BaseModel):
@@ -288,7 +288,7 @@ class MessageDelta(BaseModel):
 class MessageDeltaEvent(BaseModel):
     type: Literal["message_delta"] = "message_delta"
     delta: MessageDelta
-    usage: Usage
+    usage: MessageUsage
 
 
 class MessageStopEvent(BaseModel):

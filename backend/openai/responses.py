@@ -17,13 +17,12 @@ from backend.openai import tools
 from backend.openai.plan import ReplyPlan, constrained
 from backend.openai.replies import Reply, UsageCounter
 from backend.openai.responses_protocol import (
-    ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, ErrorEvent, FunctionCall, FunctionCallItem,
+    ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, ErrorEvent, FunctionCallItem,
     FunctionCallOutputItem, FunctionToolChoice, IncompleteDetails, InputMessage, InputTokensDetails, OutputItemEvent,
-    OutputMessage, OutputText, Response, ResponseEvent, ResponseLifecycleEvent, ResponseRequest, ResponseUsage,
+    OutputFunctionCall, OutputMessage, OutputText, Response, ResponseEvent, ResponseLifecycleEvent, ResponseRequest, ResponseUsage,
     TextDeltaEvent, TextDoneEvent,
 )
-from backend.protocol import ChatMessage, FunctionSpec, SamplingParams, ToolCall, ToolSpec
-from backend.protocol import FunctionCall as CallOfFunction
+from backend.protocol import ChatMessage, FunctionCall, FunctionSpec, SamplingParams, ToolCall, ToolSpec
 
 ROUTE = "POST /v1/responses"
 
@@ -54,7 +53,7 @@ def conversation(request: ResponseRequest) -> list[ChatMessage]:
         if isinstance(item, InputMessage):
             messages.append(ChatMessage(role="system" if item.role == "developer" else item.role, content=item.text))
         elif isinstance(item, FunctionCallItem):
-            call = ToolCall(id=item.call_id, function=CallOfFunction(name=item.name, arguments=item.arguments))
+            call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
             if messages and messages[-1].role == "assistant":
                 last = messages[-1]
                 messages[-1] = last.model_copy(update={"tool_calls": [*(last.tool_calls or []), call]})
@@ -96,8 +95,8 @@ def _finished(response: Response, output: list, finish_reason: str, usage: Usage
                                total_tokens=usage.prompt_tokens + usage.completion_tokens)})
 
 
-def _call_item(call: ToolCall, status: str = "completed") -> FunctionCall:
-    return FunctionCall(call_id=call.id, name=call.function.name, arguments=call.function.arguments, status=status)
+def _call_item(call: ToolCall, status: str = "completed") -> OutputFunctionCall:
+    return OutputFunctionCall(call_id=call.id, name=call.function.name, arguments=call.function.arguments, status=status)
 
 
 def _message(text: str, status: str = "completed") -> OutputMessage:
@@ -126,7 +125,7 @@ def sse_stream(request: ResponseRequest, plan: ReplyPlan, reply: Reply, model: s
             async for event in _events(request, plan, reply, model):
                 event.sequence_number = sequence
                 sequence += 1
-                yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+                yield f"event: {event.type}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
         except Exception as error:  # the status line is long gone: an error event ends the stream
             failed = ErrorEvent(message=f"Generation failed: {error or type(error).__name__}", code="server_error",
                                 sequence_number=sequence)

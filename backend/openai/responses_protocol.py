@@ -237,7 +237,7 @@ class OutputMessage(BaseModel):
     content: list[OutputText] = []
 
 
-class FunctionCall(BaseModel):
+class OutputFunctionCall(BaseModel):
     type: Literal["function_call"] = "function_call"
     id: str = Field(default_factory=lambda: item_id("fc"))
     call_id: str
@@ -246,7 +246,7 @@ class FunctionCall(BaseModel):
     status: ItemStatus = "in_progress"
 
 
-OutputItem = OutputMessage | FunctionCall
+OutputItem = OutputMessage | OutputFunctionCall
 
 
 class InputTokensDetails(BaseModel):
