@@ -135,10 +135,14 @@ def test_a_named_tool_call_streams_its_arguments(client):
     with client.responses.stream(model=MODEL, input="Weather?", tools=[WEATHER_TOOL],
                                  tool_choice={"type": "function", "name": "get_weather"},
                                  max_output_tokens=STRUCTURED_BUDGET, temperature=0) as stream:
-        kinds = [e.type for e in stream]
+        events = list(stream)
         response = stream.get_final_response()
-    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    kinds = [e.type for e in events]
+    assert kinds[2] == "response.output_item.added" and kinds[-1] == "response.completed"
+    assert kinds[-3:-1] == ["response.function_call_arguments.done", "response.output_item.done"]
     [call] = response.output
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == call.arguments
     jsonschema.validate(call.parsed_arguments, CITY)  # the SDK parsed the arguments of a strict tool
 
 

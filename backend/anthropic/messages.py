@@ -1,7 +1,8 @@
 """Serving /v1/messages and /v1/messages/count_tokens: a Messages request as a ReplyPlan
 (backend/openai/plan.py), and the reply read back (tools.ReplyReader) as a Message, or as
 Anthropic's stream: message_start, then per content block content_block_start / _delta /
-_stop, then message_delta (stop reason, usage) and message_stop.
+_stop (a named tool's input as it comes, other calls whole at the end), then message_delta
+(stop reason, usage) and message_stop.
 
 Usage counts as Anthropic's does: `input_tokens` are the prompt tokens not read from the
 cache, `cache_read_input_tokens` those that were (the replica's prefix cache).
@@ -84,6 +85,10 @@ def _stop_reason(outcome: tools.Outcome) -> str:
     return "max_tokens" if outcome.finish_reason == "length" else "end_turn"
 
 
+def _tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
 def _tool_block(call: ToolCall) -> OutputToolUseBlock:
     """A call as a tool_use block; arguments cut short (the token budget ran out) come as they are
     under `_partial`, rather than failing the whole reply."""
@@ -93,7 +98,7 @@ def _tool_block(call: ToolCall) -> OutputToolUseBlock:
         arguments = None
     if not isinstance(arguments, dict):
         arguments = {"_partial": call.function.arguments}
-    return OutputToolUseBlock(id="toolu_" + call.id.removeprefix("call_"), name=call.function.name, input=arguments)
+    return OutputToolUseBlock(id=_tool_use_id(call.id), name=call.function.name, input=arguments)
 
 
 def _blocks(outcome: tools.Outcome) -> list:
@@ -150,6 +155,7 @@ async def _events(plan: ReplyPlan, reply: Reply, model: str) -> AsyncIterator:
     finish_reason = "stop"
     started = False
     text_open = False
+    streamed_call = False  # a named function's call (block 0), its input streamed as it comes
     async for piece in reply:
         counter.count(piece)
         finish_reason = piece.finish_reason or finish_reason
@@ -157,6 +163,12 @@ async def _events(plan: ReplyPlan, reply: Reply, model: str) -> AsyncIterator:
             started = True
             opening = usage(counter).model_copy(update={"output_tokens": 0})
             yield MessageStartEvent(message=Message(model=model, usage=opening))
+        if reader.streams_arguments and piece.text:
+            if not streamed_call:
+                streamed_call = True
+                block = OutputToolUseBlock(id=_tool_use_id(reader.call_id), name=plan.tool_use.function, input={})
+                yield BlockStartEvent(index=0, content_block=block)
+            yield BlockDeltaEvent(index=0, delta=InputJsonDelta(partial_json=piece.text))
         if text := reader.push(piece):
             if not text_open:
                 text_open = True
@@ -173,9 +185,10 @@ async def _events(plan: ReplyPlan, reply: Reply, model: str) -> AsyncIterator:
         yield BlockStopEvent(index=0)
         index = 1
     for call in outcome.calls:
-        block = _tool_block(call)
-        yield BlockStartEvent(index=index, content_block=block.model_copy(update={"input": {}}))
-        yield BlockDeltaEvent(index=index, delta=InputJsonDelta(partial_json=json.dumps(block.input)))
+        if not (streamed_call and call.id == reader.call_id):
+            block = _tool_block(call)
+            yield BlockStartEvent(index=index, content_block=block.model_copy(update={"input": {}}))
+            yield BlockDeltaEvent(index=index, delta=InputJsonDelta(partial_json=json.dumps(block.input)))
         yield BlockStopEvent(index=index)
         index += 1
     yield MessageDeltaEvent(delta=MessageDelta(stop_reason=_stop_reason(outcome)), usage=usage(counter))

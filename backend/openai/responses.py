@@ -1,7 +1,8 @@
 """Serving /v1/responses: a Responses request as a ReplyPlan (backend/openai/plan.py), and the
 reply read back (tools.ReplyReader) as a Response object, or as its typed stream events:
 response.created, response.in_progress, then per output item its .added / delta / .done
-events, then response.completed (or response.incomplete when the token budget ran out).
+events (a named function's arguments as they come, other calls whole at the end), then
+response.completed (or response.incomplete when the token budget ran out).
 
 Nothing is stored: `previous_response_id` is refused (the route says why) and every
 response says `store: false`.
@@ -168,10 +169,16 @@ async def _events(request: ResponseRequest, plan: ReplyPlan, reply: Reply, model
     reader = tools.ReplyReader(plan.tool_use)
     usage = UsageCounter()
     message: _OpenMessage | None = None
+    streamed_call: OutputFunctionCall | None = None  # a named function's call, its arguments streamed as they come
     finish_reason = "stop"
     async for piece in reply:
         usage.count(piece)
         finish_reason = piece.finish_reason or finish_reason
+        if reader.streams_arguments and piece.text:
+            if streamed_call is None:
+                streamed_call = OutputFunctionCall(call_id=reader.call_id, name=plan.tool_use.function, arguments="")
+                yield OutputItemEvent(type="response.output_item.added", output_index=0, item=streamed_call)
+            yield ArgumentsDeltaEvent(item_id=streamed_call.id, output_index=0, delta=piece.text)
         if text := reader.push(piece):
             if message is None:
                 message = _OpenMessage(0)
@@ -191,12 +198,15 @@ async def _events(request: ResponseRequest, plan: ReplyPlan, reply: Reply, model
             yield event
         output.append(message.item)
     for call in outcome.calls:
-        index, item = len(output), _call_item(call, "in_progress")
-        yield OutputItemEvent(type="response.output_item.added", output_index=index,
-                              item=item.model_copy(update={"arguments": ""}))
-        yield ArgumentsDeltaEvent(item_id=item.id, output_index=index, delta=item.arguments)
+        index = len(output)
+        if streamed_call is not None and call.id == streamed_call.call_id:
+            item = streamed_call  # added, and its arguments streamed, already
+        else:
+            item = _call_item(call, "in_progress").model_copy(update={"arguments": ""})
+            yield OutputItemEvent(type="response.output_item.added", output_index=index, item=item)
+            yield ArgumentsDeltaEvent(item_id=item.id, output_index=index, delta=call.function.arguments)
+        item = item.model_copy(update={"arguments": call.function.arguments, "status": "completed"})
         yield ArgumentsDoneEvent(item_id=item.id, output_index=index, name=item.name, arguments=item.arguments)
-        item = item.model_copy(update={"status": "completed"})
         yield OutputItemEvent(type="response.output_item.done", output_index=index, item=item)
         output.append(item)
     finished = _finished(response, output, finish_reason, usage)

@@ -165,6 +165,11 @@ class ReplyReader:
     def mode(self) -> ToolMode:
         return self.tool_use.mode
 
+    @property
+    def streams_arguments(self) -> bool:
+        """Whether each piece's text is the forced function's arguments, to stream as they come."""
+        return self.mode == "named"
+
     def push(self, piece: ReplyPiece | str) -> str:
         text = piece if isinstance(piece, str) else piece.text
         self.text += text
