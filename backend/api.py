@@ -1,7 +1,10 @@
 """TextbotAPI: the HTTP ingress under /api. It validates requests, streams each
 reply from a Textbot replica through a DeploymentHandle, and speaks the
-protocols: the tutorial's text stream and WebSocket chat, and OpenAI's chat
-completions and completions (backend/openai/).
+protocols: the tutorial's text stream and WebSocket chat, OpenAI's chat
+completions, completions and Responses (backend/openai/), and Anthropic's
+Messages (backend/anthropic/). The three chat-like APIs reach the model one
+way: each turns its request into a ReplyPlan (backend/openai/plan.py), run by
+`_reply`.
 
 It loads no model (no torch import), so it starts in seconds and outlives the
 model replicas: when one dies mid-reply, the client still gets an error in its
@@ -25,12 +28,16 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from backend.anthropic import messages
+from backend.anthropic.protocol import CountTokensRequest, Message, MessagesRequest, TokenCount
 from backend.auth import BearerKeyMiddleware
 from backend.errors import RETRY_AFTER_S, APIError, GenerationError, install_error_handlers
 from backend.limits import install_body_limit
-from backend.openai import chat, completions, tools
+from backend.openai import chat, completions, responses
+from backend.openai.plan import ReplyPlan
 from backend.openai.protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard,
                                      ModelList)
+from backend.openai.responses_protocol import Response, ResponseRequest
 from backend.protocol import ChatMessage, ReplyPiece, SamplingParams, ToolSpec, check_text
 from backend.settings import TextbotSettings
 
@@ -132,15 +139,6 @@ class RemoteReply:
                 yield piece.text
 
 
-def openai_sampling(request: ChatCompletionRequest | CompletionRequest, max_new_tokens: int | None,
-                    logprobs: int | None, output_schema=None) -> SamplingParams:
-    """The sampling parameters both OpenAI routes share, as the Textbot replica takes them."""
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=request.temperature, top_p=request.top_p,
-                          seed=request.seed, n=request.n, presence_penalty=request.presence_penalty or 0.0,
-                          frequency_penalty=request.frequency_penalty or 0.0, logit_bias=request.logit_bias,
-                          stop=request.stop_strings or None, logprobs=logprobs, output_schema=output_schema)
-
-
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     # A close frame's reason is limited to 123 bytes of UTF-8.
     await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
@@ -195,24 +193,44 @@ class TextbotAPI:
               summary="OpenAI-compatible chat completions, streaming (SSE) or not")
     async def chat_completions(self, request: ChatCompletionRequest, session_id: SessionHeader = None):
         self._check_model(request.model)
-        messages = [m.to_chat() for m in request.messages]
-        for message in messages:
-            if not message.tool_calls:  # an assistant turn that only called tools may say nothing
-                self._check_text(message.content, "messages")
-        dropped = 0
-        if request.truncation == "auto":
-            messages, dropped = await self._fit(messages, request.token_limit)
-        schema = tools.forced_schema(request) or (request.response_format and request.response_format.output_schema())
-        sampling = openai_sampling(request, request.token_limit,
-                                   logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-                                   output_schema=schema)
-        reply = RemoteReply(self.textbot, "POST /v1/chat/completions", messages, sampling, strict=True,
-                            session=session_id, tools=tools.tools_for_prompt(request))
+        plan = chat.reply_plan(request, session_id)
+        reply, dropped = await self._reply(plan)
         headers = {DROPPED_HEADER: str(dropped)}
         if request.stream:
             return StreamingResponse(chat.sse_stream(request, await started(reply), self.model_name),
                                      media_type="text/event-stream", headers=STREAM_HEADERS | headers)
         return JSONResponse((await chat.complete(request, reply, self.model_name)).model_dump(), headers=headers)
+
+    @api.post("/v1/responses", response_model=Response,
+              summary="OpenAI Responses: text and function calls, streaming (typed SSE events) or not")
+    async def create_response(self, request: ResponseRequest, session_id: SessionHeader = None):
+        self._check_model(request.model)
+        plan = responses.reply_plan(request, session_id)
+        reply, dropped = await self._reply(plan)
+        headers = {DROPPED_HEADER: str(dropped)}
+        if request.stream:
+            return StreamingResponse(responses.sse_stream(request, plan, await started(reply), self.model_name),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS | headers)
+        response = await responses.respond(request, plan, reply, self.model_name)
+        return JSONResponse(response.model_dump(mode="json", by_alias=True), headers=headers)
+
+    @api.post("/v1/messages", response_model=Message,
+              summary="Anthropic Messages: text and tool use, streaming (SSE events) or not")
+    async def create_message(self, request: MessagesRequest, session_id: SessionHeader = None):
+        self._check_model(request.model)
+        plan = messages.reply_plan(request, session_id)
+        reply, _ = await self._reply(plan)
+        if request.stream:
+            return StreamingResponse(messages.sse_stream(plan, await started(reply), self.model_name),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        return JSONResponse((await messages.create(plan, reply, self.model_name)).model_dump(mode="json"))
+
+    @api.post("/v1/messages/count_tokens", response_model=TokenCount,
+              summary="Anthropic Messages: the prompt's tokens, tools and system prompt included")
+    async def count_message_tokens(self, request: CountTokensRequest, session_id: SessionHeader = None) -> TokenCount:
+        self._check_model(request.model)
+        reply, _ = await self._reply(messages.count_plan(request, session_id))
+        return TokenCount(input_tokens=await messages.count(reply))
 
     @api.post("/v1/completions", response_model=Completion,
               summary="OpenAI-compatible (legacy) text completions, streaming (SSE) or not")
@@ -222,7 +240,7 @@ class TextbotAPI:
         if request.text_prompts:
             for prompt in prompts:
                 self._check_text(prompt, "prompt")
-        sampling = openai_sampling(request, request.max_tokens, logprobs=request.logprobs)
+        sampling = completions.sampling(request)
         replies = [RemoteReply(self.textbot, "POST /v1/completions", prompt, sampling, strict=True,
                                session=session_id) for prompt in prompts]
         if request.stream:
@@ -290,6 +308,20 @@ class TextbotAPI:
                            "one may be loading or restarting.",
                            code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
         return {"status": "ok", "model": self.model_name}
+
+    async def _reply(self, plan: ReplyPlan) -> tuple[RemoteReply, int]:
+        """The one way every API's request reaches the model: its text checked, the oldest turns
+        dropped if asked, then the reply streaming from a replica (with how many turns were dropped)."""
+        messages = plan.messages
+        for message in messages:
+            if not message.tool_calls:  # an assistant turn that only called tools may say nothing
+                self._check_text(message.content, plan.param)
+        dropped = 0
+        if plan.truncate:
+            messages, dropped = await self._fit(messages, plan.sampling.max_new_tokens)
+        reply = RemoteReply(self.textbot, plan.route, messages, plan.sampling, strict=True,
+                            session=plan.session, tools=plan.tool_use.for_prompt())
+        return reply, dropped
 
     async def _fit(self, messages: list[ChatMessage], max_new_tokens: int | None = None
                    ) -> tuple[list[ChatMessage], int]:

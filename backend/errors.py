@@ -1,7 +1,8 @@
-"""One error shape for every /api route, OpenAI's:
-`{"error": {"message", "type", "param", "code"}}` with a 4xx or 5xx status.
+"""Errors in the shape each route family's clients read, with a 4xx or 5xx status:
+Anthropic's `{"type": "error", "error": {"type", "message"}}` under /v1/messages, OpenAI's
+`{"error": {"message", "type", "param", "code"}}` everywhere else.
 
-Programs written against OpenAI already know how to read it, and people get a
+Programs written against either API already know how to read its shape, and people get a
 sentence saying what was wrong and where.
 """
 
@@ -68,6 +69,40 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Anthropic's error types by status (its API documents these).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+# Paths (below the application's route prefix) whose clients read Anthropic's error shape.
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+def anthropic_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
+    error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    body = {"type": "error", "error": {"type": error_type, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def route_path(scope) -> str:
+    """The request's path below the application's route prefix (Serve's root_path)."""
+    return scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+
+
+def is_anthropic(scope) -> bool:
+    return route_path(scope).startswith(ANTHROPIC_PATHS)
+
+
+def error_response_for(scope, status: int, message: str, param: str | None = None, code: str | None = None,
+                       headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error in the shape the route's clients read."""
+    if is_anthropic(scope):
+        return anthropic_error_response(status, message, headers)
+    return error_response(status, message, param, code, headers)
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
@@ -77,6 +112,13 @@ def _is_field(part) -> bool:
     if isinstance(part, int):
         return True
     return bool(re.fullmatch(r"[a-z_][a-z0-9_-]*", part)) and part not in _TYPE_TAGS | {"body", "query", "path", "header"}
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """Of a request's validation errors, the one deepest in the request: a union's branches
+    each fail, and the deepest says what is wrong in the branch the client meant (a bad item
+    in a list, not "Input should be a valid string")."""
+    return max(errors, key=lambda e: len(e.get("loc", ())))
 
 
 def _describe(error: dict) -> tuple[str, str | None]:
@@ -94,18 +136,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response_for(request.scope, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = _describe(exc.errors()[0])
-        return error_response(400, message, param, "invalid_value")
+        # The routes that came before the Responses and Messages APIs keep naming the first error.
+        older = not (is_anthropic(request.scope) or route_path(request.scope).startswith("/v1/responses"))
+        message, param = _describe(exc.errors()[0] if older else _most_specific(exc.errors()))
+        return error_response_for(request.scope, 400, message, param, "invalid_value")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         # Starlette still logs the exception; the client gets a sentence, not a bare 500.
-        return error_response(500, str(exc) or f"Internal error ({type(exc).__name__}).")
+        return error_response_for(request.scope, 500, str(exc) or f"Internal error ({type(exc).__name__}).")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+        return error_response_for(request.scope, exc.status_code, str(exc.detail), headers=exc.headers)

@@ -84,6 +84,7 @@ class SamplingParams(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1, description="Sample only among this many likeliest tokens; None: all.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -103,6 +104,7 @@ class ResolvedSampling(BaseModel):
     max_new_tokens: int
     temperature: float
     top_p: float
+    top_k: int | None = None
     seed: int | None = None
     # As OpenAI defines them: subtracted from the logits of tokens the reply has used,
     # once (presence) or per use (frequency); logit_bias is added by token id.

@@ -152,6 +152,7 @@ class Textbot:
             max_new_tokens=params.max_new_tokens or defaults.max_new_tokens,
             temperature=defaults.temperature if params.temperature is None else params.temperature,
             top_p=params.top_p or defaults.top_p,
+            top_k=params.top_k,
             seed=params.seed,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,

@@ -83,8 +83,8 @@ def test_service_keeps_serving_after_bad_input(http):
     assert response.json()["usage"]["completion_tokens"] == 4
 
 
-FUZZED_OPERATIONS = ["POST /", "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
-                     "GET /health"]
+FUZZED_OPERATIONS = ["POST /", "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses",
+                     "POST /v1/messages", "POST /v1/messages/count_tokens", "GET /v1/models", "GET /health"]
 
 
 @pytest.mark.parametrize("label", FUZZED_OPERATIONS)

@@ -10,10 +10,13 @@ from backend.protocol import ResolvedSampling, TokenLogprob, TopLogprob
 
 
 def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling.
+    """Greedy at temperature 0; otherwise temperature, then top-k, then nucleus (top-p) sampling.
     `logits` are adjusted already (`adjust`, the output schema's mask)."""
     if sampling.greedy:
         return int(torch.argmax(logits))
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        # Everything below the k-th largest logit is out (ties at the k-th stay in).
+        logits = logits.masked_fill(logits < torch.topk(logits, sampling.top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         # Stable: among equal probabilities the lowest id first, as argmax (greedy) picks.

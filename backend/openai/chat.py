@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from backend.openai import tools
 from backend.openai.protocol import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
-    ChunkChoice, CompletionHeader, Delta, DeltaFunction, DeltaToolCall, LogprobEntry, TopLogprobEntry,
+    ChunkChoice, CompletionHeader, Delta, DeltaFunction, DeltaToolCall, LogprobEntry, NamedToolChoice, TopLogprobEntry,
 )
+from backend.openai.plan import ReplyPlan, constrained
 from backend.openai.replies import Reply, UsageCounter, sse
-from backend.protocol import FunctionCall, ReplyPiece, TokenLogprob, ToolCall
+from backend.protocol import ReplyPiece, SamplingParams, TokenLogprob
 
 
 def logprob_entries(logprobs: tuple[TokenLogprob, ...], top: int) -> list[LogprobEntry]:
@@ -21,66 +22,71 @@ def logprob_entries(logprobs: tuple[TokenLogprob, ...], top: int) -> list[Logpro
         for t in logprobs]
 
 
+def tool_use(request: ChatCompletionRequest) -> tools.ToolUse:
+    """The request's tools and tool_choice, as the shared tool reading takes them."""
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return tools.ToolUse.of(request.tools, None, choice.function.name)
+    return tools.ToolUse.of(request.tools, choice)
+
+
+def reply_plan(request: ChatCompletionRequest, session: str | None) -> ReplyPlan:
+    """What the request asks of the model (backend/openai/plan.py)."""
+    use = tool_use(request)
+    sampling = SamplingParams(
+        max_new_tokens=request.token_limit, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+        n=request.n, presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0, logit_bias=request.logit_bias,
+        stop=request.stop_strings or None, logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+    output_schema = request.response_format and request.response_format.output_schema()
+    return ReplyPlan([m.to_chat() for m in request.messages], constrained(sampling, use, output_schema), use,
+                     "POST /v1/chat/completions", truncate=request.truncation == "auto", session=session)
+
+
 class ChatChoice:
     """One choice as it streams: the text the model wrote, read as tool calls where the
-    request's tool_choice says so (backend/openai/tools.py)."""
+    request's tool_choice says so (tools.ReplyReader); a named function's arguments
+    stream as they come."""
 
     def __init__(self, index: int, request: ChatCompletionRequest):
         self.index = index
-        self.mode = tools.mode(request)
-        self.function = request.tool_choice.function.name if self.mode == "named" else None
-        self.call_id = tools.call_id()
+        self.reader = tools.ReplyReader(tool_use(request))
+        self.mode = self.reader.mode
         self.top = (request.top_logprobs or 0) if request.logprobs else None  # alternatives per token
-        self.text = ""
         self.logprobs: list[LogprobEntry] = []
-        self.opening = tools.CallOpening()
         self.streamed_call = False
 
     def push(self, piece: ReplyPiece) -> Delta | None:
         """Take a piece; returns what to stream now."""
-        self.text += piece.text
         if self.top is not None:
             self.logprobs += logprob_entries(piece.logprobs, self.top)
-        if not piece.text:
-            return None
-        if self.mode == "named":  # the reply is the arguments: stream them as they come
+        text = self.reader.push(piece)
+        if self.mode == "named" and piece.text:  # the reply is the arguments: stream them as they come
             first, self.streamed_call = not self.streamed_call, True
             return Delta(tool_calls=[DeltaToolCall(
-                index=0, id=self.call_id if first else None, type="function" if first else None,
-                function=DeltaFunction(name=self.function if first else None, arguments=piece.text))])
-        if self.mode == "required":
-            return None  # one object holding name and arguments: read whole at the end
-        if self.mode == "auto":
-            return Delta(content=text) if (text := self.opening.push(piece.text)) else None
-        return Delta(content=piece.text)
+                index=0, id=self.reader.call_id if first else None, type="function" if first else None,
+                function=DeltaFunction(name=self.reader.tool_use.function if first else None,
+                                       arguments=piece.text))])
+        return Delta(content=text) if text else None
 
-    def outcome(self, finish_reason: str) -> tuple[str | None, list[ToolCall], str]:
-        """The reply as content and tool calls, and OpenAI's finish reason."""
+    def outcome(self, finish_reason: str) -> tuple[tools.Outcome, str]:
+        """The reply read whole, and OpenAI's finish reason."""
+        outcome = self.reader.finish(finish_reason)
         if self.mode == "named":
-            call = ToolCall(id=self.call_id, function=FunctionCall(name=self.function, arguments=self.text))
-            return None, [call], "tool_calls" if finish_reason == "stop" else finish_reason
-        if self.mode == "required":
-            calls = tools.parse_required(self.text)
-        elif self.mode == "auto":
-            content, calls = tools.parse_auto(self.text)
-            if calls:
-                return content or None, calls, "tool_calls"
-        else:
-            calls = []
-        return (None, calls, "tool_calls") if calls else (self.text, [], finish_reason)
+            return outcome, "tool_calls" if finish_reason == "stop" else finish_reason
+        return outcome, "tool_calls" if outcome.called else finish_reason
 
     def last_delta(self, finish_reason: str) -> tuple[Delta | None, str]:
         """What was held back, streamed at the end, and the finish reason."""
-        content, calls, reason = self.outcome(finish_reason)
+        outcome, reason = self.outcome(finish_reason)
         if self.mode in ("none", "named"):
             return None, reason
-        if not calls:  # held back in case it was a call; it was not
-            held = self.text if self.mode == "required" else self.opening.held
-            return (Delta(content=held) if held else None), reason
+        if not outcome.called:  # held back in case it was a call; it was not
+            return (Delta(content=outcome.held) if outcome.held else None), reason
         return Delta(tool_calls=[
             DeltaToolCall(index=i, id=c.id, type="function",
                           function=DeltaFunction(name=c.function.name, arguments=c.function.arguments))
-            for i, c in enumerate(calls)]), reason
+            for i, c in enumerate(outcome.calls)]), reason
 
     def choice_logprobs(self, entries: list[LogprobEntry]) -> ChoiceLogprobs | None:
         return None if self.top is None else ChoiceLogprobs(content=entries)
@@ -144,7 +150,8 @@ async def complete(request: ChatCompletionRequest, reply: Reply, model: str) -> 
             finished[piece.index] = piece.finish_reason
     results = []
     for choice in choices:
-        content, calls, reason = choice.outcome(finished[choice.index])
-        results.append(Choice(index=choice.index, message=AssistantMessage(content=content, tool_calls=calls or None),
+        outcome, reason = choice.outcome(finished[choice.index])
+        message = AssistantMessage(content=outcome.content, tool_calls=outcome.calls or None)
+        results.append(Choice(index=choice.index, message=message,
                               logprobs=choice.choice_logprobs(choice.logprobs), finish_reason=reason))
     return ChatCompletion(model=model, usage=usage.usage(), choices=results)

@@ -7,8 +7,15 @@ from collections.abc import AsyncIterator
 
 from backend.openai.protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs
 from backend.openai.replies import Reply, UsageCounter, sse
-from backend.protocol import ReplyPiece, TokenLogprob, TopLogprob
+from backend.protocol import ReplyPiece, SamplingParams, TokenLogprob, TopLogprob
 from backend.streams import merge
+
+
+def sampling(request: CompletionRequest) -> SamplingParams:
+    return SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                          seed=request.seed, n=request.n, presence_penalty=request.presence_penalty or 0.0,
+                          frequency_penalty=request.frequency_penalty or 0.0, logit_bias=request.logit_bias,
+                          stop=request.stop_strings or None, logprobs=request.logprobs)
 
 
 class TextChoice:

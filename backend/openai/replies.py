@@ -1,5 +1,5 @@
-"""What both OpenAI routes read from: a reply streaming from Textbot, its usage, and the
-Server-Sent Events they write."""
+"""What the routes read from: a reply streaming from Textbot and its usage (for all three
+APIs), and the Server-Sent Events the OpenAI chat and completions routes write."""
 
 from __future__ import annotations
 
@@ -29,11 +29,24 @@ class UsageCounter:
         self.prompts[prompt] = (piece.prompt_tokens, piece.cached_tokens)
         self.completions[prompt, piece.index] = piece.completion_tokens
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(p for p, _ in self.prompts.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of the prompt tokens, those read from the replica's prefix cache."""
+        return sum(c for _, c in self.prompts.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.completions.values())
+
     def usage(self) -> Usage:
-        prompt = sum(p for p, _ in self.prompts.values())
-        completion = sum(self.completions.values())
+        """As chat completions and completions report it."""
+        prompt, completion = self.prompt_tokens, self.completion_tokens
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c for _, c in self.prompts.values())))
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
 
 def event(payload: str) -> str:

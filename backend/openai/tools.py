@@ -1,4 +1,8 @@
-"""Tool calls: what `tool_choice` asks of the reply, and reading calls out of it.
+"""Tool calls, for all three APIs: what the request's tool choice asks of the reply, and
+reading calls out of it.
+
+Each API names its tools and tool choice its own way; its serving module turns them into a
+`ToolUse`, and everything below works on that alone.
 
 `required` and a named function are enforced as vLLM enforces them, with a JSON schema
 the reply must follow: a named function's reply is its arguments object; a required
@@ -13,48 +17,64 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
+from typing import Literal
 
 from backend.engine.stops import held_back
-from backend.openai.protocol import ChatCompletionRequest, NamedToolChoice
-from backend.protocol import FunctionCall, OutputSchema, ToolCall
+from backend.protocol import FunctionCall, OutputSchema, ReplyPiece, ToolCall, ToolSpec
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
+
+ToolMode = Literal["none", "auto", "required", "named"]
 
 
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def mode(request: ChatCompletionRequest) -> str:
-    """'none' (no tools in play), 'auto', 'required', or 'named'."""
-    choice = request.tool_choice or ("auto" if request.tools else "none")
-    if isinstance(choice, NamedToolChoice):
-        return "named"
-    return "none" if not request.tools else choice
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request declares and what its tool choice asks: 'none' (no tools in
+    play), 'auto' (the model may call one), 'required' (it must call one) or 'named'
+    (it must call `function`)."""
 
+    tools: tuple[ToolSpec, ...] = ()
+    mode: ToolMode = "none"
+    function: str | None = None
 
-def tools_for_prompt(request: ChatCompletionRequest):
-    """The tools the model is told of: none when tool_choice is 'none', only the named one when forced."""
-    if mode(request) == "none":
+    @classmethod
+    def of(cls, tools: list[ToolSpec] | None, choice: str | None, function: str | None = None) -> ToolUse:
+        """From a request's tools and its choice ('none', 'auto', 'required', or None for the
+        default: 'auto' with tools), or the function it names. Without tools, always 'none'."""
+        if not tools:
+            return cls()
+        if function is not None:
+            return cls(tuple(tools), "named", function)
+        return cls(tuple(tools), choice or "auto")
+
+    def for_prompt(self) -> list[ToolSpec] | None:
+        """The tools the model is told of: none when tool choice is 'none', only the named one when forced."""
+        if self.mode == "none":
+            return None
+        if self.mode == "named":
+            return [t for t in self.tools if t.function.name == self.function]
+        return list(self.tools)
+
+    def forced_schema(self) -> OutputSchema | None:
+        """The schema a forced tool call puts on the reply, or None."""
+        if self.mode == "named":
+            [tool] = self.for_prompt()
+            return OutputSchema(json_schema=tool.function.parameters, strict=bool(tool.function.strict),
+                                source="tools")
+        if self.mode == "required":
+            calls = [{"type": "object", "required": ["name", "arguments"],
+                      "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters}}
+                     for t in self.tools]
+            schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+            return OutputSchema(json_schema=schema, strict=any(t.function.strict for t in self.tools),
+                                source="tools")
         return None
-    if mode(request) == "named":
-        return [t for t in request.tools if t.function.name == request.tool_choice.function.name]
-    return request.tools
-
-
-def forced_schema(request: ChatCompletionRequest) -> OutputSchema | None:
-    """The schema a forced tool call puts on the reply, or None."""
-    if mode(request) == "named":
-        [tool] = tools_for_prompt(request)
-        return OutputSchema(json_schema=tool.function.parameters, strict=bool(tool.function.strict), source="tools")
-    if mode(request) == "required":
-        calls = [{"type": "object", "required": ["name", "arguments"],
-                  "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters}}
-                 for t in request.tools]
-        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        return OutputSchema(json_schema=schema, strict=any(t.function.strict for t in request.tools), source="tools")
-    return None
 
 
 def parse_required(text: str) -> list[ToolCall]:
@@ -107,3 +127,66 @@ class CallOpening:
         keep = held_back(text, (CALL_OPEN,))
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
+
+
+@dataclass
+class Outcome:
+    """A finished reply read as the APIs report it: its text (None when it only called tools),
+    its calls, whether they were why it stopped, the engine's finish reason ('stop', 'length'),
+    and the text held back while streaming that turned out not to be a call (to stream last)."""
+
+    content: str | None
+    calls: list[ToolCall]
+    finish_reason: str
+    held: str = ""
+
+    @property
+    def called(self) -> bool:
+        return bool(self.calls)
+
+
+class ReplyReader:
+    """One reply as it streams, read as text and tool calls, whichever API serves it.
+
+    `push` returns the text that can be streamed as the reply's text now: all of it
+    without tools; under 'auto' all but what may open a `<tool_call>` block; nothing
+    when a call is forced (the reply is then the call). `finish` reads the whole reply.
+    The id of a forced call is known from the start (`call_id`), so an API may stream
+    its arguments as they come.
+    """
+
+    def __init__(self, tool_use: ToolUse):
+        self.tool_use = tool_use
+        self.call_id = call_id()
+        self.text = ""
+        self._opening = CallOpening()
+
+    @property
+    def mode(self) -> ToolMode:
+        return self.tool_use.mode
+
+    @property
+    def streams_arguments(self) -> bool:
+        """Whether each piece's text is the forced function's arguments, to stream as they come."""
+        return self.mode == "named"
+
+    def push(self, piece: ReplyPiece | str) -> str:
+        text = piece if isinstance(piece, str) else piece.text
+        self.text += text
+        if not text or self.mode in ("named", "required"):
+            return ""
+        return self._opening.push(text) if self.mode == "auto" else text
+
+    def finish(self, finish_reason: str) -> Outcome:
+        if self.mode == "named":
+            call = ToolCall(id=self.call_id, function=FunctionCall(name=self.tool_use.function, arguments=self.text))
+            return Outcome(None, [call], finish_reason)
+        if self.mode == "required":
+            calls = parse_required(self.text)
+            return Outcome(None, calls, finish_reason) if calls else Outcome(self.text, [], finish_reason, self.text)
+        if self.mode == "auto":
+            content, calls = parse_auto(self.text)
+            if calls:
+                return Outcome(content or None, calls, finish_reason)
+            return Outcome(self.text, [], finish_reason, self._opening.held)
+        return Outcome(self.text, [], finish_reason)
