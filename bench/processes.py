@@ -136,45 +136,47 @@ def scope_from_listener(pid: int, table: dict[int, Process]) -> StackScope:
                       f"the process tree of the raylet's parent (pid {parent}) and the processes of Ray session {session}")
 
 
-# Ray names a worker after what it runs ("ray::ServeReplica:<app>:<deployment>", "ray::ProxyActor").
-_REPLICA = re.compile(r"^ray::ServeReplica:(?P<app>[^:\s]+):(?P<deployment>[^\s]+)")
+# Ray names a worker after what it runs ("ray::ServeReplica:<app>:<deployment>", with ".<method>"
+# while a replica runs one of its methods; "ray::ProxyActor").
+_REPLICA = re.compile(r"^ray::ServeReplica:(?P<app>[^:\s]+):(?P<deployment>[^.\s]+)")
 _SERVE_DEPLOYMENTS = {"Textbot": "Textbot replica", "TextbotAPI": "ingress", "ChatPage": "chat page"}
+_RAY_WORKERS = {"ProxyActor": "Serve proxy", "ServeController": "Serve controller", "IDLE": "idle Ray worker"}
+_PROGRAMS = {"raylet": "raylet", "gcs_server": "GCS", "llama-server": "llama-server", "backend.launch": "launcher"}
 
 
 def role(process: Process, table: dict[int, Process]) -> str:
     """What a process of the stack is, in a few words (an engine or a replica with its Serve
-    application: 'engine (textbot)', 'Textbot replica (textbot)')."""
+    application: 'engine (textbot)', 'Textbot replica (textbot)'). From the program alone:
+    the raylet's arguments, for one, name the agents' programs it starts."""
     cmd = process.cmdline
-    if "backend.engine.process" in cmd:
-        return f"engine ({engine_owner(process, table)})"
     if replica := _REPLICA.match(cmd):
         what = _SERVE_DEPLOYMENTS.get(replica["deployment"], replica["deployment"])
         return f"{what} ({replica['app']})"
-    program = cmd.split(" ")[0]
-    for marker, name in (("ray::ProxyActor", "Serve proxy"), ("ray::ServeController", "Serve controller"),
-                         ("ray::IDLE", "idle Ray worker"), ("backend.launch", "launcher"),
-                         ("ray start", "ray start"), ("dashboard/agent.py", "Ray dashboard agent"),
-                         ("runtime_env/agent", "Ray runtime-env agent"), ("log_monitor", "Ray log monitor"),
-                         ("llama-server", "llama-server")):
-        if marker in cmd:
-            return name
-    base = os.path.basename(program)
-    if base in ("gcs_server", "raylet"):
-        return {"gcs_server": "GCS", "raylet": "raylet"}[base]
-    return python_program(cmd) or base or f"pid {process.pid}"
+    if cmd.startswith("ray::"):
+        name = cmd.removeprefix("ray::").split(" ")[0].split(".")[0]
+        return _RAY_WORKERS.get(name, name)
+    program = program_name(cmd)
+    if program == "backend.engine.process":
+        return f"engine ({engine_owner(process, table)})"
+    return _PROGRAMS.get(program, program or f"pid {process.pid}")
 
 
-def python_program(cmdline: str) -> str | None:
-    """What a Python process runs: `python -m module` -> 'module', `python path/x.py` -> 'x.py'."""
+def program_name(cmdline: str) -> str:
+    """What a process runs: the executable's name, or for Python the module (`-m module`) or the
+    script's name, and for Ray's command line tool its subcommand ('ray start')."""
     words = cmdline.split(" ")
-    if not os.path.basename(words[0]).startswith("python"):
-        return None
+    name = os.path.basename(words[0])
+    if not name.startswith("python"):
+        return name
     for i, word in enumerate(words[1:], 1):
         if word == "-m" and i + 1 < len(words):
             return words[i + 1]
-        if word.endswith(".py"):
-            return os.path.basename(word)
-    return None
+        if word == "-c":
+            return f"{name} -c"
+        if not word.startswith("-"):
+            script = os.path.basename(word)
+            return f"ray {words[i + 1]}" if script == "ray" and i + 1 < len(words) else script
+    return name
 
 
 def engine_owner(engine: Process, table: dict[int, Process]) -> str:
