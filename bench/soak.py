@@ -394,11 +394,13 @@ def ttft_window(results: list[Result], start_s: float, end_s: float) -> dict:
             "p50_ms": round(statistics.median(values), 1) if values else None, "p90_ms": percentile(values, 0.9)}
 
 
-def ttft_drift(results: list[Result], elapsed_s: float) -> dict:
-    """Time to first token of the OpenAI streams started in the first and the last minute (a
-    third of the soak each when it is shorter than three minutes)."""
-    window = min(60.0, elapsed_s / 3)
-    first, last = ttft_window(results, 0, window), ttft_window(results, elapsed_s - window, elapsed_s + 1)
+def ttft_drift(results: list[Result]) -> dict:
+    """Time to first token of the OpenAI streams started in the first and the last minute of the
+    traffic (until the last request started: the replies still streaming after it are not
+    traffic any more), a third of it each when it is shorter than three minutes."""
+    end_s = max((r.started_s for r in results), default=0.0)
+    window = min(60.0, end_s / 3)
+    first, last = ttft_window(results, 0, window), ttft_window(results, end_s - window, end_s + 1)
     drift = round(last["p50_ms"] / first["p50_ms"], 2) if first["p50_ms"] and last["p50_ms"] else None
     return {"window_s": round(window, 1), "first": first, "last": last, "drift_p50": drift}
 
@@ -518,7 +520,8 @@ def summarize(args: argparse.Namespace, run: dict, target: str, how: str, metric
         "requests": request_counts(results),
         "total_requests": len(results),
         "unexpected_errors": {"count": len(errors), "examples": [asdict(r) for r in errors[:EXAMPLES_KEPT]]},
-        "ttft": ttft_drift(results, run["elapsed_s"]),
+        "bad_requests_served": sorted({r.detail for r in results if r.outcome == "accepted"}),
+        "ttft": ttft_drift(results),
         "processes": rows,
         "memory_samples": run["memory"],
         "metrics": metrics,
@@ -622,9 +625,12 @@ def run_markdown(run: dict) -> list[str]:
               + "".join(f"\n- {e['kind']} at {e['started_s']:.0f} s: {e['detail']}"
                         for e in run["unexpected_errors"]["examples"][:5]), "",
               f"Time to first token (OpenAI streams) in the first and last {ttft['window_s']:.0f} s: "
-              f"median {ttft['first']['p50_ms']} and {ttft['last']['p50_ms']} ms (drift {ttft['drift_p50']}x), "
+              f"median {ttft['first']['p50_ms']} and {ttft['last']['p50_ms']} ms (drift "
+              f"{'—' if ttft['drift_p50'] is None else str(ttft['drift_p50']) + 'x'}), "
               f"p90 {ttft['first']['p90_ms']} and {ttft['last']['p90_ms']} ms "
               f"({ttft['first']['streams']} and {ttft['last']['streams']} streams).", "",
+              *([f"Bad requests it served rather than refused (not counted as its errors): "
+                 f"{'; '.join(run['bad_requests_served'])}.", ""] if run.get("bad_requests_served") else []),
               "| process | pid | RSS start MB | RSS end MB | RSS max MB | PSS start MB | PSS end MB |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in run["processes"]:
