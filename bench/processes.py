@@ -63,7 +63,8 @@ def descendants(root: int, table: dict[int, Process]) -> set[int]:
 def ancestors(pid: int, table: dict[int, Process]) -> list[int]:
     """`pid`'s parent, its parent's parent, ... up to (not including) init."""
     chain = []
-    while (pid := table[pid].ppid if pid in table else 0) > 1:
+    # A parent we cannot read (another user's, or gone) ends the chain.
+    while pid in table and (pid := table[pid].ppid) > 1 and pid in table:
         chain.append(pid)
     return chain
 
