@@ -358,6 +358,7 @@ async def warm_up(traffic: Traffic) -> None:
 
 async def soak(args: argparse.Namespace, api: str, scope: processes.StackScope, peer: bool) -> dict:
     memory = MemoryLog(scope)
+    load_before = os.getloadavg()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key and not peer else {}
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=4 * args.clients)) as client:
@@ -377,7 +378,9 @@ async def soak(args: argparse.Namespace, api: str, scope: processes.StackScope, 
         # A moment for the server to let go of what the last abandoned streams held.
         await asyncio.sleep(2)
         await asyncio.to_thread(memory.read, traffic.since_start(), "end")
-    return {"elapsed_s": round(elapsed, 1), "results": traffic.results, "memory": memory.samples}
+    # The machine is shared: what else ran shows in its load, which the timings depend on.
+    return {"elapsed_s": round(elapsed, 1), "results": traffic.results, "memory": memory.samples,
+            "load_average": {"start": [round(x, 1) for x in load_before], "end": [round(x, 1) for x in os.getloadavg()]}}
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -471,18 +474,23 @@ def kv_budget(args: argparse.Namespace, metrics: dict | None) -> tuple[float | N
         return args.kv_budget_mb, "--kv-budget-mb"
     if (budget := per_replica_max(metrics, "ray_textbot_kv_budget_bytes")) is not None:
         return round(budget / 2**20, 1), "ray_textbot_kv_budget_bytes"
-    if args.app == "textbot" and (cache_mb := deploy_prefix_cache_mb()) is not None:
-        return cache_mb, ("deploy.yaml's engine.prefix_cache_mb: the prefix cache's budget alone (no "
-                          "ray_textbot_kv_budget_bytes exported, no --kv-budget-mb); running replies' keys and values "
-                          "are not in it")
+    if args.app == "textbot" and (configured := deploy_kv_budget()) is not None:
+        return configured
     return None, "none given (--kv-budget-mb) and no ray_textbot_kv_budget_bytes exported"
 
 
-def deploy_prefix_cache_mb() -> float | None:
-    """The prefix cache's memory per replica that deploy.yaml gives the textbot application."""
+def deploy_kv_budget() -> tuple[float, str] | None:
+    """The keys and values' memory per replica deploy.yaml gives the textbot application: its KV
+    budget (engine.kv_cache_mb) where it has one, else its prefix cache's (engine.prefix_cache_mb,
+    before the KV budget: running replies' keys and values are not in it)."""
     from bench.__main__ import textbot_args
 
-    return (textbot_args()[0].get("engine") or {}).get("prefix_cache_mb")
+    engine = textbot_args()[0].get("engine") or {}
+    for key, note in (("kv_cache_mb", ""), ("prefix_cache_mb", ": the prefix cache's alone; running replies' "
+                                                               "keys and values are not in it")):
+        if engine.get(key) is not None:
+            return float(engine[key]), f"deploy.yaml's engine.{key}{note} (no ray_textbot_kv_budget_bytes exported)"
+    return None
 
 
 def memory_check(rows: list[dict], app: str, budget_mb: float | None, source: str) -> dict:
@@ -517,6 +525,7 @@ def summarize(args: argparse.Namespace, run: dict, target: str, how: str, metric
                      "mix": {k: MIX[k] for k in MIX if target == "textbot" or k in PEER_KINDS}},
         "processes_found_by": how,
         "elapsed_s": run["elapsed_s"],
+        "load_average": run["load_average"],
         "requests": request_counts(results),
         "total_requests": len(results),
         "unexpected_errors": {"count": len(errors), "examples": [asdict(r) for r in errors[:EXAMPLES_KEPT]]},
@@ -616,7 +625,8 @@ def run_markdown(run: dict) -> list[str]:
     lines = [f"## {name}", "",
              f"`{settings['command']}` on {run['date']}: {run['elapsed_s']:.0f} s, {settings['clients']} clients, "
              f"seed {settings['seed']}" + (f"; `{run['server_command']}`" if run.get("server_command") else "") + ".",
-             f"Processes: {run['processes_found_by']}.", "",
+             f"Processes: {run['processes_found_by']}. Load average (1, 5, 15 min) at the start "
+             f"{run['load_average']['start']}, at the end {run['load_average']['end']}, on {os.cpu_count()} cores.", "",
              "| kind | " + " | ".join(EXPECTED_OUTCOMES + ("error",)) + " |",
              "| --- |" + " ---: |" * (len(EXPECTED_OUTCOMES) + 1)]
     for kind, outcomes in sorted(run["requests"].items()):
