@@ -226,7 +226,9 @@ async def conversation(traffic: Traffic, rng: random.Random, client_id: int) -> 
         if not traffic.claim():
             return
         result, reply = await chat_stream(traffic, "conversation", history, rng.randint(16, 128), session)
-        if traffic.record(result).outcome != "ok":
+        # A blank reply ends it: Textbot refuses a blank message, and a client sending one back
+        # would be making a bad request, which this one is not meant to be.
+        if traffic.record(result).outcome != "ok" or not reply.strip():
             return
         history += [{"role": "assistant", "content": reply}, {"role": "user", "content": rng.choice(FOLLOW_UPS)}]
 
