@@ -22,19 +22,17 @@ import datetime
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
 import httpx
 import yaml
 
-from bench import report
+from bench import report, stack
 from bench.clients import completions_client, engine_client, openai_client, page_client, text_client, transformers_client
 from bench.load import run_level
 
@@ -79,72 +77,26 @@ def textbot_args() -> tuple[dict, int]:
     return app["args"], int(cpus)
 
 
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-# Once idle for 1 s after it starts, the engine builds the grammar's vocabulary, holding its
-# GIL for up to 1.5 s (measured): the first measured requests must not meet that.
-_SETTLE_S = 3.0
-
-
 def served_urls(args: argparse.Namespace) -> tuple[str, str]:
     """The Textbot API's and the chat page's base URLs."""
     return args.url.rstrip("/") + args.api_path.rstrip("/"), args.url.rstrip("/") + "/" + args.page_path.strip("/")
 
 
-def settle(args: argparse.Namespace, deadline: float) -> None:
-    """A stack just started is healthy before it has settled: the chat page's replica may
-    still be starting (importing Gradio takes seconds of CPU) and the engine has yet to
-    build the grammar's vocabulary. Wait for the page, send one reply, give the engine time."""
-    api, page = served_urls(args)
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(page.rstrip("/") + "/config", timeout=5).status_code == 200:
-                break
-        time.sleep(1)
-    with contextlib.suppress(httpx.HTTPError):
-        httpx.post(f"{api}/", params={"prompt": "Hi", "max_new_tokens": 4}, timeout=60).read()
-    time.sleep(_SETTLE_S)
-
-
 @contextlib.contextmanager
 def served_stack(args: argparse.Namespace, skipped: dict):
-    """Use the stack at --url, or serve deploy.yaml as `make run` does (backend/launch.py: the
-    engine on a CPU of its own) for the length of the benchmark."""
-    api, _ = served_urls(args)
-    if (up := healthy(api)) or args.no_start:
+    """Use the stack at --url, or serve deploy.yaml as `make run` does (bench/stack.py) for the
+    length of the benchmark."""
+    api, page = served_urls(args)
+    if (up := stack.healthy(api)) or args.no_start:
         yield up
         return
     print("No stack answers at", api, "- starting `python -m backend.launch deploy.yaml`, as `make run` does",
           flush=True)
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    port = urllib.parse.urlsplit(args.url).port
-    # SIGINT back to its default in the child: a shell's background job (`python -m bench &` in a
-    # script) starts with SIGINT ignored; the launcher stops its Ray node on the SIGINT below.
-    process = subprocess.Popen([sys.executable, "-m", "backend.launch", *([f"--http-port={port}"] if port else []),
-                                str(ROOT / "deploy.yaml")], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 300
-        while not healthy(api) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(2)
-        if not (up := healthy(api)):
-            why = (f"the stack exited (code {process.returncode}; `make run` shows why: its ports taken?)"
-                   if process.poll() is not None else "the stack did not become healthy within 300 s")
+    with stack.launched_stack(args.url, api, page) as launched:
+        if launched.why:
             for target in SERVED:
-                skipped[target] = why
-        else:
-            settle(args, deadline)
-        yield up
-    finally:
-        os.killpg(process.pid, signal.SIGINT)  # the launcher stops its Ray node on SIGINT
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(60)
+                skipped[target] = launched.why
+        yield launched.why is None
 
 
 LLAMACPP_MISSING = ("llama.cpp's llama-server is not built: `make bench` builds it (python -m bench.llamacpp_build: "
