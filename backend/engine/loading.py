@@ -129,7 +129,10 @@ def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bo
     quantize_model(model, settings.quantization, empty=True, prompt_copies=_prompt_copies(model, settings))
     if getattr(model.config, Q8_EMBEDDING, False):
         use_q8_embedding(model, Q8Embedding.of(model.get_input_embeddings()), empty=True)
-    state = safetensors.torch.load_file(cache / _WEIGHTS)
+    # Each tensor read into memory of its own (pread), not views of one mapping of the whole file:
+    # a tensor the engine replaces (the layers `quant.fuse` joins) is then freed, while one view
+    # kept the whole mapping, every page of it read, in the process (the default model: 41 MB).
+    state = safetensors.torch.load_file(cache / _WEIGHTS, backend="pread")
     # An unquantised output layer tied to the embedding shares its tensor, saved once.
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, torch.nn.Linear):

@@ -39,11 +39,13 @@ Quantization = Literal["int4", "int8", "none"]
 class Int4Linear(torch.nn.Module):
     """y = x Wᵀ (+ b) with W stored as 4-bit codes q, group-wise `(q - 8) * scale + zero`.
 
-    `dense`, when there is one, holds the same weights in bfloat16 for reading prompts
-    (`slots.forward` calls it for several positions a row, the 4-bit codes for one). The
-    int4 kernel's time grows with the rows while oneDNN's bfloat16 matmul reads its weights
-    once: measured over the default model's 30 layers (one thread, an Intel Xeon with AMX),
-    64 rows 164 against 33 ms, 512 rows 1371 against 114; at 8 rows both about 25 ms.
+    `dense`, when there is one (`model.prompt_weights: bfloat16`), holds the same weights in
+    bfloat16 for reading prompts (`slots.forward` calls it for several positions a row, the 4-bit
+    codes for one). The int4 kernel's time grows with the rows while oneDNN's bfloat16 matmul
+    reads its weights once: measured over the default model's 30 layers, one thread, on an Intel
+    Xeon with AMX 64 rows 164 against 33 ms, 512 rows 1371 against 114, at 8 rows both about 25
+    ms; on an AMD EPYC with AVX-512 BF16 (no AMX) 64 rows 204 against 112 ms, 256 rows 808
+    against 417. Off by default: the copies are 4x the int4 weights (202 MB for the default model).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dense: bool = False):
@@ -88,7 +90,10 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros).to(x.dtype)
+        # Contiguous, or the kernel computes wrong numbers without a word (tried, torch 2.13): a layer
+        # joined into a fused one reads its scales as a strided view of the fused layer's (`fuse`).
+        scales = self.scales_and_zeros.contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -408,6 +413,14 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
         # tests/test_quant.py; layers of other sizes stay apart).
         fused.packed = torch.cat([layer.packed for layer in layers])
         fused.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
+        # The layers then read their weights from the fused layer's tensors, so they are held once:
+        # kept apart, q, k, v, gate and up were two thirds of the default model's int4 weights held
+        # twice (41 MB). Only the generic path (transformers' forward) still calls the layers themselves.
+        start = 0
+        for layer in layers:
+            stop = start + layer.out_features
+            layer.packed, layer.scales_and_zeros = fused.packed[start:stop], fused.scales_and_zeros[:, start:stop]
+            start = stop
         if ONEDNN_BF16 and all(layer.dense is not None for layer in layers):
             # Moved, not copied: only the fused layer reads prompts (the originals' own forward is int4).
             # Not on a CPU without bfloat16 dot products, where prompts stay on int4 (slots._for_prompts).
@@ -425,7 +438,11 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
     if all(isinstance(layer, Bf16Linear) and layer._packed is None for layer in layers):
         # Before any call (its plain weights are let go once laid out for oneDNN): when the slot path
         # builds its layers. One call for q, k and v took about half the time of three (1 row).
-        return Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]), bias)
+        fused = Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]), bias)
+        start = 0
+        for layer in layers:  # rows of the fused weights, held once (as the int4 layers above)
+            layer.weight, start = fused.weight[start:start + layer.out_features], start + layer.out_features
+        return fused
     if all(isinstance(layer, torch.nn.Linear) for layer in layers):
         fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                                 bias=bias is not None, dtype=layers[0].weight.dtype)
