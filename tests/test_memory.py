@@ -123,3 +123,22 @@ def test_fused_layers_hold_their_weights_once():
         assert layer.packed.untyped_storage().data_ptr() == fused.packed.untyped_storage().data_ptr()
         assert layer.scales_and_zeros.untyped_storage().data_ptr() == fused.scales_and_zeros.untyped_storage().data_ptr()
         assert torch.equal(layer(x), expected)
+
+
+def test_the_engine_process_runs_with_the_allocator_settings():
+    """`_engine_process` (replicas' engines and the warm engine alike) sets glibc's malloc as measured
+    (backend/engine/process.py, ENGINE_ALLOCATOR_ENV); a value the environment already has wins."""
+    import os
+    from pathlib import Path
+
+    from backend.engine.process import ENGINE_ALLOCATOR_ENV, start_engine_process
+
+    conn, process = start_engine_process()
+    try:
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        conn.close()  # the engine process ends when its replica's socket closes
+        process.wait(timeout=120)
+    assert ENGINE_ALLOCATOR_ENV
+    for name, value in ENGINE_ALLOCATOR_ENV.items():
+        assert f"{name}={os.environ.get(name, value)}".encode() in environ

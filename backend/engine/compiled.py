@@ -62,7 +62,7 @@ def attach(model, folder: Path) -> bool:
     if `folder` has none. Whether the model now has one; failures are logged, never raised."""
     path = package_path(folder)
     try:
-        if not (path.is_file() and _extra_constants_path(path).is_file()):
+        if not path.is_file():
             build(model, path)
         started = time.monotonic()
         from backend.engine import slots
