@@ -221,7 +221,9 @@ class EngineProcess:
 # Measured, the default model in an engine process (eager, prefix cache off), 32 requests of 5-400
 # words and 16-256 new tokens, 8 at a time: RSS after start / at the peak / idle after the load,
 # glibc as it comes 491 / 1081 / 1081 MB, MALLOC_ARENA_MAX=2 460 / 985 / 985, a fixed 128 KiB mmap
-# and trim threshold 449 / 916 / 876, both ARENA_MSG.
+# and trim threshold 449 / 916 / 876 (freed tensors go back at once), and with MALLOC_ARENA_MAX=2 as
+# well 453 / 914 / 873: no better, so the arenas are left as they are. (Most of the growth under
+# load is the KV cache's rows, which the engine's KV budget bounds, not the allocator.)
 ENGINE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
