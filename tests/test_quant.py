@@ -91,10 +91,20 @@ def test_slot_path_matches_hugging_face_forward(tiny_models, quantization):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_int4_prompts_are_read_through_bfloat16_copies(tiny_models):
-    """Prompts (several positions a row) go through each int4 layer's bfloat16 copy, decode
-    steps through its 4-bit codes; the two stand for the same weights."""
+def test_int4_prompts_are_read_on_the_int4_weights_unless_asked(tiny_models):
+    """By default an int4 model keeps no bfloat16 copies (model.prompt_weights: int4): prompts go
+    through the same 4-bit codes as decode steps, so the copies cost no memory."""
     model = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization="int4")).model
+    assert not any(getattr(layer, "dense", None) is not None for layer in model.modules())
+    decode_layers, prompt_layers = slots._fused_layers(model)
+    assert all(isinstance(part, Int4Linear) for layer in prompt_layers for part in (layer.gate_up, layer.down_proj))
+
+
+def test_int4_prompts_are_read_through_bfloat16_copies(tiny_models):
+    """With model.prompt_weights: bfloat16, prompts (several positions a row) go through each int4
+    layer's bfloat16 copy, decode steps through its 4-bit codes; the two stand for the same weights."""
+    model = load(ModelSettings(source=str(tiny_models["tiny-chat"]), quantization="int4",
+                               prompt_weights="bfloat16")).model
     ids = list(range(5, 40))
     with torch.inference_mode():
         four_bits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # transformers' forward: int4 only

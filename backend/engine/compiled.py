@@ -17,6 +17,13 @@ and the source of the step. `python -m backend.engine.compiled deploy.yaml` buil
 ahead (`make run` and `make test` do). Without a compiler, or if building fails, the
 engine runs its steps eagerly and says why in its log.
 
+The package holds the code, not the weights (`aot_inductor.package_constants_in_so` off): at
+load it is handed the model's own tensors (`load_constants(..., user_managed=True)`: pointers,
+not copies). With the weights inside, the default model's package mapped its 69 MB of weights
+and copied them again into 69 MB of its own, beside the model's: 137 MB of an engine process's
+RSS for weights it already held. What the compiler adds itself (the int4 kernel's group size, as
+a tensor) is saved beside the package (`_extra_constants`).
+
 A row's numbers do not depend on the other rows in the step (tested), so a greedy reply is
 the same alone and batched; they differ from the eager step's in the last bits (fused
 float arithmetic), measured against float32 in docs/BENCHMARKS.md.
@@ -24,6 +31,7 @@ float arithmetic), measured against float32 in docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -38,7 +46,7 @@ log = logging.getLogger(__name__)
 # The code the compiled step is traced from: the shared transformer, its layers and its families.
 _SOURCES = ("slots.py", "quant.py", *sorted(f"families/{f.name}" for f in (Path(__file__).parent / "families").glob("*.py")))
 _STAGING = ".tmp.pt2"  # a package being written (the packager wants names ending in .pt2)
-_BUILD = 2  # how `build` exports and compiles it: a new value when that changes
+_BUILD = 3  # how `build` exports and compiles it: a new value when that changes (3: weights not in the package)
 
 
 def package_path(folder: Path) -> Path:
@@ -59,7 +67,7 @@ def attach(model, folder: Path) -> bool:
         started = time.monotonic()
         from backend.engine import slots
 
-        slots.use_decode_step(model, _CompiledStep(str(path)))
+        slots.use_decode_step(model, _CompiledStep(str(path), slots.DecodeStep(model)))
         log.info("Decode steps run compiled (%s, loaded in %.2f s)", path.name, time.monotonic() - started)
         return True
     except Exception as exc:  # no compiler, an export that fails on this model, a broken file
@@ -69,16 +77,35 @@ def attach(model, folder: Path) -> bool:
 
 
 class _CompiledStep:
-    """The compiled package, called as `slots.DecodeStep` is.
+    """The compiled package, called as `slots.DecodeStep` is, running on `step`'s own weights.
 
     Loaded with torch's own C++ loader rather than `torch._inductor.aoti_load_package`,
     whose imports (torch._inductor, torch.export, hence torch._dynamo) took 1.4-2.9 s of
     every engine process's start here; the inputs are flattened as `build` exported them."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, step):
         import torch
 
         self._loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)  # CPU, one runner
+        from safetensors import safe_open
+
+        own = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+        with safe_open(str(_extra_constants_path(Path(path))), "pt") as extra:
+            added, layouts = {name: extra.get_tensor(name) for name in extra.keys()}, extra.metadata() or {}
+        # The loader keeps pointers to these tensors (user_managed), so they are kept here too: the
+        # model's own, which `slots` may later drop from a layer (a bfloat16 layer laid out for oneDNN).
+        self._constants = {}
+        for name in self._loader.get_constant_fqns():
+            if name in own:
+                if _layout(own[name]) != layouts.get(name):
+                    raise ValueError(f"the model's {name} is laid out as {_layout(own[name])}, the step was "
+                                     f"built for {layouts.get(name)}")
+                self._constants[name] = own[name]
+            elif name in added:
+                self._constants[name] = added[name]
+            else:
+                raise ValueError(f"the compiled step wants a constant {name!r} that it was not given")
+        self._loader.load_constants(self._constants, False, True, True)  # the active buffer, all, user-managed
 
     def __call__(self, hidden, positions, keys, values, visible):
         return self._loader.boxed_run([hidden, positions, *keys, *values, visible])[0]
@@ -111,14 +138,69 @@ def build(model, path: Path) -> None:
                             [{0: rows, 2: capacity}] * len(kv.values), {0: rows, 3: length}))
         staging = path.with_name(f"{path.stem}.{os.getpid()}{_STAGING}")
         try:
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(staging))
+            with _constants_the_compiler_adds() as added, \
+                    torch._inductor.config.patch({"aot_inductor.package_constants_in_so": False}):
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(staging))
+            _save_extra_constants(staging, path, step, added)
             staging.rename(path)
         finally:
             staging.unlink(missing_ok=True)
     log.info("Compiled the decode step to %s in %.0f s", path, time.monotonic() - started)
-    for stale in path.parent.glob("decode-step-*.pt2"):  # built by an older torch, CPU or source: never loaded again
-        if stale != path and not stale.name.endswith(_STAGING):  # another process's build in progress
+    for stale in path.parent.glob("decode-step-*"):  # built by an older torch, CPU or source: never loaded again
+        if not stale.name.startswith(f"{path.stem}.") and ".tmp" not in stale.name:  # another's build in progress
             stale.unlink(missing_ok=True)
+
+
+def _extra_constants_path(package: Path) -> Path:
+    """Where the constants a package wants besides the model's own tensors are kept."""
+    return package.with_name(f"{package.stem}.constants.safetensors")
+
+
+@contextlib.contextmanager
+def _constants_the_compiler_adds():
+    """{name: tensor} of the constants the compiler makes while lowering, under the names it gives
+    them (the int4 kernel's group size becomes a tensor, one per matmul): not the model's, so the
+    package, built without weights, would lack them; `_save_extra_constants` keeps them."""
+    from torch._inductor.graph import GraphLowering
+
+    found = {}
+    original = GraphLowering.allocate_non_dup_const_name
+
+    def recording(graph, name, data):
+        found[new_name := original(graph, name, data)] = data
+        return new_name
+    GraphLowering.allocate_non_dup_const_name = recording
+    try:
+        yield found
+    finally:
+        GraphLowering.allocate_non_dup_const_name = original
+
+
+def _layout(tensor) -> str:
+    return repr((tuple(tensor.shape), tuple(tensor.stride()), str(tensor.dtype)))
+
+
+def _save_extra_constants(package: Path, final: Path, step, added: dict) -> None:
+    """Beside the package (named after its final place, written before it is moved there): the
+    constants it wants that are not the model's tensors, and, as the file's metadata, the layout
+    of those that are, checked at load (the loader takes the tensors' pointers as they come)."""
+    import safetensors.torch
+    import torch
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+    own = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+    tensors, layouts = {}, {}
+    for name in loader.get_constant_fqns():
+        if name in own:
+            layouts[name] = _layout(own[name])
+        elif name in added:
+            tensors[name] = added[name].detach().clone().contiguous()
+        else:
+            raise RuntimeError(f"the compiled step wants a constant {name!r} that neither the model nor the compiler made")
+    target = _extra_constants_path(final)
+    staging = target.with_name(f"{target.stem}.{os.getpid()}.tmp")
+    safetensors.torch.save_file(tensors, str(staging), metadata=layouts)
+    staging.rename(target)
 
 
 def _cpu_flags() -> str:

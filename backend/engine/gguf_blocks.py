@@ -20,10 +20,14 @@ as `model.quantization` says, from transformers' float weights.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
-from backend.engine.quant import Int4Codes, Layout
+from backend.engine.quant import GROUP, Int4Codes, Layout, Q8Embedding
+
+log = logging.getLogger(__name__)
 
 # Block layouts, as llama.cpp writes them (bytes a block; weights a block: 32, or 256 for Q4_K).
 #   Q4_0: fp16 d, 16 bytes of codes; Q4_1: fp16 d, fp16 m, 16 bytes of codes. Element j of a
@@ -60,6 +64,30 @@ def stored_weights(gguf_path: str, model: torch.nn.Module,
         elif layout in ("int4", "int8", "bf16"):
             found[name] = layout
     return found
+
+
+def q8_0_embedding(gguf_path: str, model: torch.nn.Module) -> Q8Embedding | None:
+    """The model's input embedding as the file stores it, when that is Q8_0 (blocks of an fp16 scale
+    `d` and 32 int8 codes, weight = d * q): its codes and scales as they are. None for another type,
+    or if its rows are not bitwise the float embedding transformers made of them (checked here)."""
+    embedding = model.get_input_embeddings()
+    wanted = {name for name, parameter in model.named_parameters(remove_duplicate=False)
+              if parameter is embedding.weight}
+    for name, kind, raw in _tensors(gguf_path, model):
+        if name not in wanted:
+            continue
+        if kind != "Q8_0":
+            return None
+        rows = raw()
+        blocks = rows.reshape(rows.shape[0], -1, 2 + GROUP)
+        q8 = Q8Embedding.of(embedding)
+        q8.scales = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0])
+        q8.codes = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows.shape[0], -1))
+        if not q8.equals(embedding.weight.data):
+            log.warning("The Q8_0 embedding of %s does not give the float rows; kept in float", gguf_path)
+            return None
+        return q8
+    return None
 
 
 def tensor_types(gguf_path: str, model: torch.nn.Module) -> dict[str, str]:

@@ -118,8 +118,11 @@ class LlamaForCausalLM(torch.nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def get_input_embeddings(self) -> torch.nn.Embedding:
+    def get_input_embeddings(self) -> torch.nn.Module:  # an Embedding, or quant.Q8Embedding
         return self.model.embed_tokens
+
+    def set_input_embeddings(self, embedding: torch.nn.Module) -> None:
+        self.model.embed_tokens = embedding
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm_head

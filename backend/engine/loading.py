@@ -15,7 +15,7 @@ import torch
 
 from backend.engine import llama, slots
 from backend.engine.location import ModelLoadError, ModelLocation, converted_cache, locate
-from backend.engine.quant import quantize_model
+from backend.engine.quant import Q8_EMBEDDING, Q8Embedding, quantize_model, tie_to_q8_embedding, use_q8_embedding
 from backend.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,25 @@ def _compile(model, settings: ModelSettings, cache: Path | None, fallback: str |
 def _load_source(location: ModelLocation, settings: ModelSettings):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backend.engine.gguf_blocks import stored_weights
+    from backend.engine.gguf_blocks import q8_0_embedding, stored_weights
 
     kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, settings.dtype), **kwargs)
-    stored = None
+    stored, embedding = None, None
     if location.gguf_file and settings.quantization == "int4":
-        stored = stored_weights(str(Path(location.path, location.gguf_file)), model)
-    quantize_model(model, settings.quantization, stored, prompt_copies=slots.supports(model))
+        gguf_path = str(Path(location.path, location.gguf_file))
+        stored, embedding = stored_weights(gguf_path, model), q8_0_embedding(gguf_path, model)
+    quantize_model(model, settings.quantization, stored, prompt_copies=_prompt_copies(model, settings))
+    if embedding is not None:
+        use_q8_embedding(model, embedding)
     return tokenizer, model.eval()
+
+
+def _prompt_copies(model, settings: ModelSettings) -> bool:
+    """Whether int4 layers keep bfloat16 copies of their weights for prompts (`model.prompt_weights`):
+    only the engine's own transformer reads prompts through them."""
+    return settings.prompt_weights == "bfloat16" and slots.supports(model)
 
 
 def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bool = False):
@@ -117,8 +126,13 @@ def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bo
         with accelerate.init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache), dtype=dtype)
         model.generation_config = GenerationConfig.from_pretrained(cache)
-    quantize_model(model, settings.quantization, empty=True, prompt_copies=slots.supports(model))
-    state = safetensors.torch.load_file(cache / _WEIGHTS)
+    quantize_model(model, settings.quantization, empty=True, prompt_copies=_prompt_copies(model, settings))
+    if getattr(model.config, Q8_EMBEDDING, False):
+        use_q8_embedding(model, Q8Embedding.of(model.get_input_embeddings()), empty=True)
+    # Each tensor read into memory of its own (pread), not views of one mapping of the whole file:
+    # a tensor the engine replaces (the layers `quant.fuse` joins) is then freed, while one view
+    # kept the whole mapping, every page of it read, in the process (the default model: 41 MB).
+    state = safetensors.torch.load_file(cache / _WEIGHTS, backend="pread")
     # An unquantised output layer tied to the embedding shares its tensor, saved once.
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, torch.nn.Linear):
@@ -130,6 +144,7 @@ def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bo
         model.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"the converted copy in {cache} does not fit the model; delete that folder ({exc})") from exc
+    tie_to_q8_embedding(model)
     return tokenizer, model.eval()
 
 

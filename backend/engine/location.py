@@ -98,8 +98,10 @@ def _assembled(module, filename: str, cache_dir: str | None) -> ModelLocation:
 # loaded into the new layers. 2: an int4 model's output layer in bfloat16, no longer two
 # 4-bit halves; 3: bfloat16 copies of a Llama model's int4 layers, for prompts; 4: a GGUF file's
 # Q4_K codes as stored, its 5- to 8-bit types in layouts of their own (quant.LAYER_LAYOUTS); 5: the
-# prompt copies for every family the engine's own transformer runs (families/), Qwen and Gemma among them.
-_LAYOUT = 5
+# prompt copies for every family the engine's own transformer runs (families/), Qwen and Gemma among them;
+# 6: prompt copies only when model.prompt_weights asks (and then in the key), a GGUF Q8_0 embedding as
+# its int8 codes and scales (quant.Q8Embedding), a tied output layer built from it at load, not saved.
+_LAYOUT = 6
 
 
 def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | None:
@@ -109,7 +111,7 @@ def converted_cache(settings: ModelSettings, location: ModelLocation) -> Path | 
     gguf = Path(location.path, location.gguf_file).resolve()
     # torch's version too: the int4 kernel's packed layout is its own. Versions as installed,
     # read without importing either (`python -m backend.engine.compiled` runs before every `make run`).
-    key = (f"{_fingerprint(gguf)}|{settings.dtype}|{settings.quantization}|"
+    key = (f"{_fingerprint(gguf)}|{settings.dtype}|{settings.quantization}|{settings.prompt_weights}|"
            f"{importlib.metadata.version('transformers')}|{importlib.metadata.version('torch')}|{_LAYOUT}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(settings.cache_dir).expanduser() / f"{gguf.stem}-{settings.quantization}-{settings.dtype}-{digest}"

@@ -39,11 +39,13 @@ Quantization = Literal["int4", "int8", "none"]
 class Int4Linear(torch.nn.Module):
     """y = x Wᵀ (+ b) with W stored as 4-bit codes q, group-wise `(q - 8) * scale + zero`.
 
-    `dense`, when there is one, holds the same weights in bfloat16 for reading prompts
-    (`slots.forward` calls it for several positions a row, the 4-bit codes for one). The
-    int4 kernel's time grows with the rows while oneDNN's bfloat16 matmul reads its weights
-    once: measured over the default model's 30 layers (one thread, an Intel Xeon with AMX),
-    64 rows 164 against 33 ms, 512 rows 1371 against 114; at 8 rows both about 25 ms.
+    `dense`, when there is one (`model.prompt_weights: bfloat16`), holds the same weights in
+    bfloat16 for reading prompts (`slots.forward` calls it for several positions a row, the 4-bit
+    codes for one). The int4 kernel's time grows with the rows while oneDNN's bfloat16 matmul
+    reads its weights once: measured over the default model's 30 layers, one thread, on an Intel
+    Xeon with AMX 64 rows 164 against 33 ms, 512 rows 1371 against 114, at 8 rows both about 25
+    ms; on an AMD EPYC with AVX-512 BF16 (no AMX) 64 rows 204 against 112 ms, 256 rows 808
+    against 417. Off by default: the copies are 4x the int4 weights (202 MB for the default model).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dense: bool = False):
@@ -88,7 +90,10 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros).to(x.dtype)
+        # Contiguous, or the kernel computes wrong numbers without a word (tried, torch 2.13): a layer
+        # joined into a fused one reads its scales as a strided view of the fused layer's (`fuse`).
+        scales = self.scales_and_zeros.contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -156,10 +161,11 @@ class Bf16Linear(torch.nn.Module):
     greedy reply's last bits with its batch.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, saved: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16))
+        # `saved` False: not in the state dict (an output layer tied to a Q8_0 embedding, built from it at load).
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16), persistent=saved)
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         # oneDNN's blocked copy of `weight`, made at the first call (after a saved state is loaded
         # into `weight`), which then lets the plain copy go: a converted model is saved before
@@ -167,9 +173,9 @@ class Bf16Linear(torch.nn.Module):
         self._packed: torch.Tensor | None = None
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Bf16Linear:
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, saved: bool = True) -> Bf16Linear:
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, bias is not None)
+        layer = cls(in_features, out_features, bias is not None, saved)
         layer.weight = weight.detach().to(torch.bfloat16).contiguous()
         if bias is not None:
             layer.bias.data.copy_(bias)
@@ -212,6 +218,95 @@ ONEDNN_BF16 = torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf1
                                                         or torch.cpu._is_amx_tile_supported())
 
 QUANTISED_LAYERS = {"int4": Int4Linear, "int8": Int8Linear}
+
+
+class Q8Embedding(torch.nn.Module):
+    """An embedding kept as a GGUF file's Q8_0 blocks store it: int8 codes, one float16 scale per
+    32 of them (`d * q`); each looked-up row is widened as it is read.
+
+    The same numbers as the float embedding transformers de-quantises the file to: a float16
+    scale (11 significant bits) times an int8 code (8) is exact in float32, so the rows are
+    bitwise those (tested), and so is an output layer built from it (`tied_head`). A quarter
+    of the memory: the default model's 49152 x 576 embedding 28 MB instead of 108, Gemma 3
+    270M's 262144 x 640 about 170 MB instead of 671. Only the rows a step reads are touched.
+
+    `scale` is what the family multiplies embeddings by (Gemma's square root of the width,
+    `embed_scale`), applied as its own embedding module does: in the output dtype.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
+                 scale: torch.Tensor | None = None):
+        super().__init__()
+        if embedding_dim % GROUP:
+            raise ValueError(f"Q8_0 rows hold blocks of {GROUP}, not {embedding_dim} values")
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.register_buffer("codes", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(num_embeddings, embedding_dim // GROUP, dtype=torch.float16))
+        self.register_buffer("embed_scale", None if scale is None else scale.detach().clone(), persistent=False)
+
+    @classmethod
+    def of(cls, embedding: torch.nn.Embedding) -> Q8Embedding:
+        """An empty one in place of `embedding` (its shape, dtype and family scale), to be filled."""
+        scale = getattr(embedding, "embed_scale", None)
+        return cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.dtype,
+                   scale if isinstance(scale, torch.Tensor) else None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """No rows: only the embedding's dtype, which code written for `torch.nn.Embedding` reads off
+        `weight` (the KV cache's dtype, the rotary tables' sample); `rows` gives the values."""
+        return torch.empty(0, self.embedding_dim, dtype=self.dtype)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start..stop de-quantised, as the float embedding holds them (before the family's scale)."""
+        return self._widen(self.codes[start:stop], self.scales[start:stop])
+
+    def _widen(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        blocks = codes.reshape(*codes.shape[:-1], -1, GROUP).float() * scales.float()[..., None]
+        return blocks.reshape(*codes.shape).to(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._widen(self.codes[ids], self.scales[ids])
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
+
+    def tied_head(self, bias: torch.Tensor | None = None, rows_at_once: int = 4096) -> Bf16Linear:
+        """The output layer that shares these weights, in bfloat16 (an int4 model's output layer):
+        built a few rows at a time, so the float rows never all exist at once."""
+        weight = torch.empty(self.num_embeddings, self.embedding_dim, dtype=torch.bfloat16)
+        for start in range(0, self.num_embeddings, rows_at_once):
+            weight[start:start + rows_at_once] = self.rows(start, start + rows_at_once)
+        return Bf16Linear.from_weight(weight, bias, saved=False)
+
+    def equals(self, weight: torch.Tensor, rows_at_once: int = 4096) -> bool:
+        """Whether these rows are bitwise `weight` (a float embedding's), compared a few rows at a time."""
+        return weight.shape == self.codes.shape and all(
+            torch.equal(self.rows(start, start + rows_at_once), weight[start:start + rows_at_once])
+            for start in range(0, self.num_embeddings, rows_at_once))
+
+
+# The model config's record that an int4 model's embedding is a Q8Embedding (saved with a converted
+# copy, as LAYER_LAYOUTS), so its empty shell is one, and a tied output layer is built from it at load.
+Q8_EMBEDDING = "textbot_q8_0_embedding"
+
+
+def use_q8_embedding(model: torch.nn.Module, embedding: Q8Embedding, empty: bool = False) -> None:
+    """Put `embedding` in place of the model's input embedding. An output layer tied to it becomes
+    one made from it, and not saved: the same weights are stored once. `empty`: `embedding` is a shell
+    to load a converted copy into, and so is the output layer (`tie_to_q8_embedding` fills it)."""
+    model.set_input_embeddings(embedding)
+    setattr(model.config, Q8_EMBEDDING, True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        model.set_output_embeddings(
+            Bf16Linear(head.in_features, head.out_features, head.bias is not None, saved=False) if empty
+            else embedding.tied_head(head.bias))
+
+
+def tie_to_q8_embedding(model: torch.nn.Module) -> None:
+    """Once a converted copy is loaded: a tied output layer's weights, from the Q8_0 embedding."""
+    head = model.get_output_embeddings()
+    if isinstance(head, Bf16Linear) and "weight" in head._non_persistent_buffers_set:
+        model.set_output_embeddings(model.get_input_embeddings().tied_head(head.bias))
 
 
 @dataclass
@@ -318,6 +413,14 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
         # tests/test_quant.py; layers of other sizes stay apart).
         fused.packed = torch.cat([layer.packed for layer in layers])
         fused.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
+        # The layers then read their weights from the fused layer's tensors, so they are held once:
+        # kept apart, q, k, v, gate and up were two thirds of the default model's int4 weights held
+        # twice (41 MB). Only the generic path (transformers' forward) still calls the layers themselves.
+        start = 0
+        for layer in layers:
+            stop = start + layer.out_features
+            layer.packed, layer.scales_and_zeros = fused.packed[start:stop], fused.scales_and_zeros[:, start:stop]
+            start = stop
         if ONEDNN_BF16 and all(layer.dense is not None for layer in layers):
             # Moved, not copied: only the fused layer reads prompts (the originals' own forward is int4).
             # Not on a CPU without bfloat16 dot products, where prompts stay on int4 (slots._for_prompts).
@@ -335,7 +438,11 @@ def fuse(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
     if all(isinstance(layer, Bf16Linear) and layer._packed is None for layer in layers):
         # Before any call (its plain weights are let go once laid out for oneDNN): when the slot path
         # builds its layers. One call for q, k and v took about half the time of three (1 row).
-        return Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]), bias)
+        fused = Bf16Linear.from_weight(torch.cat([layer.weight for layer in layers]), bias)
+        start = 0
+        for layer in layers:  # rows of the fused weights, held once (as the int4 layers above)
+            layer.weight, start = fused.weight[start:start + layer.out_features], start + layer.out_features
+        return fused
     if all(isinstance(layer, torch.nn.Linear) for layer in layers):
         fused = torch.nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
                                 bias=bias is not None, dtype=layers[0].weight.dtype)
