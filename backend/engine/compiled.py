@@ -24,9 +24,13 @@ and copied them again into 69 MB of its own, beside the model's: 137 MB of an en
 RSS for weights it already held. What the compiler adds itself (the int4 kernel's group size, as
 a tensor) is saved beside the package (`_extra_constants`).
 
-A row's numbers do not depend on the other rows in the step (tested), so a greedy reply is
-the same alone and batched; they differ from the eager step's in the last bits (fused
-float arithmetic), measured against float32 in docs/BENCHMARKS.md.
+A row's numbers move in the last bits with the rows beside it, compiled and eager alike: attention
+reads as many columns as the longest row has (the others masked), and the matmuls' sums run in
+another order. Measured 2026-12-06 on the default model, a chat prompt alone and beside two
+others: logits apart by up to 0.25 from the third step on (eagerly too, and before this session's
+changes), so a greedy reply alone and batched may part at a near tie (there at token 19 of 24,
+compiled). They differ from the eager step's in the last bits (fused float arithmetic), measured
+against float32 in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations

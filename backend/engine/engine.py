@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import itertools
 import logging
 import threading
@@ -332,8 +333,12 @@ class Engine:
 
     def _reserve(self, batch, reading: collections.deque) -> None:
         """Cap the batch's growth at what its requests and the prompts being read reserve, and
-        give the prefix cache what that leaves (it evicts down to it)."""
+        give the prefix cache what that leaves (it evicts down to it). Going idle, the memory
+        the replies' keys and values and activations took goes back to the system."""
         ends = [r.end for r in batch.requests] + [c.end for p in reading for c in p.request.choices]
+        if not ends and batch.allocated[0]:
+            batch.reserve(0, 0)
+            give_back_free_memory()
         batch.reserve(self.kv_budget.batch_rows(len(ends)), max(ends, default=0))
         if self.prefix_cache is not None:
             self.prefix_cache.fit(self.kv_budget.limit - self._plan(batch, [p.request for p in reading]))
@@ -492,6 +497,15 @@ class Engine:
             self._running -= request.running
         request.hand_over(finished)
         return False
+
+
+def give_back_free_memory() -> None:
+    """Return the free memory glibc's heaps keep to the system (malloc_trim), where the C library
+    is glibc: tensors freed below its mmap threshold stay in them otherwise (process.ENGINE_ALLOCATOR_ENV)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library: nothing to do
+        pass
 
 
 def _fits_beside(group: list, prompt) -> bool:

@@ -16,8 +16,8 @@ Python around the ops (profiled: docs/BENCHMARKS.md). Here:
   A retired row's place is filled by moving rows up, once, at retirement.
 - One function, `forward`, serves prompts and decode steps alike: queries at given
   positions attend to every cached column at or before their own position. With int4
-  weights, prompts go through each layer's bfloat16 copy (`quant.Int4Linear.dense`) and
-  decode steps through its 4-bit codes.
+  weights, decode steps go through the 4-bit codes, and prompts too unless the model keeps
+  bfloat16 copies for them (`model.prompt_weights: bfloat16`, `quant.Int4Linear.dense`).
 
 The same weights and modules as the Hugging Face model (quantised linear layers
 included), so both paths give the same logits up to float rounding (tested).
