@@ -18,6 +18,7 @@ import llguidance.hf
 import numpy as np
 import torch
 
+from backend.engine.allocator import give_back_free_memory
 from backend.errors import InvalidSamplingError
 from backend.protocol import OutputSchema
 
@@ -59,6 +60,7 @@ class Vocabulary:
                 self.tokenizer
             except Exception as exc:  # noqa: BLE001 - raised again to the first request that needs it
                 log.info("The grammar's view of the vocabulary could not be built: %s", exc)
+            give_back_free_memory()  # the build's temporaries: about 50 MB of the default model's engine
 
         threading.Thread(target=build, name="grammar-vocabulary", daemon=True).start()
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import itertools
 import logging
 import threading
@@ -36,7 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.engine import batch as generic_path, slots
+from backend.engine import batch as generic_path
+from backend.engine import slots
+from backend.engine.allocator import give_back_free_memory
 from backend.engine.constraint import Constraint, Vocabulary
 from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.engine.generation import Deliver, Finished, Generation, to_event_loop
@@ -497,15 +498,6 @@ class Engine:
             self._running -= request.running
         request.hand_over(finished)
         return False
-
-
-def give_back_free_memory() -> None:
-    """Return the free memory glibc's heaps keep to the system (malloc_trim), where the C library
-    is glibc: tensors freed below its mmap threshold stay in them otherwise (process.ENGINE_ALLOCATOR_ENV)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # another C library: nothing to do
-        pass
 
 
 def _fits_beside(group: list, prompt) -> bool:

@@ -234,7 +234,7 @@ class EngineProcess:
 # two processes side by side); reading a 128-token prompt took 1.2-1.4x as long (every activation
 # over 128 KiB is mapped and unmapped), 1.04-1.07x with 1 MiB. So 1 MiB, and what the heaps still
 # keep free is given back with malloc_trim once loaded and whenever the engine goes idle
-# (engine.give_back_free_memory): one trim after the load alone took glibc as it comes from 547 to
+# (allocator.py): one trim after the load alone took glibc as it comes from 547 to
 # 445 MB, at no cost to speed. (Most of the growth under load is the KV cache's rows, which the
 # engine's KV budget bounds, not the allocator.)
 ENGINE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
@@ -367,7 +367,8 @@ def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) ->
     # Imported here, not before: a warm engine's loading thread imports them too, and
     # transformers' lazy modules do not take two threads importing at once.
     from backend.conversation import fit_to_context
-    from backend.engine.engine import Engine, give_back_free_memory
+    from backend.engine.allocator import give_back_free_memory
+    from backend.engine.engine import Engine
 
     generations: dict[int, Generation] = {}
 
