@@ -27,7 +27,9 @@ import pytest  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_openai import ChatOpenAI  # noqa: E402
 from openai import OpenAI  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from tests.helpers.schemas import Verdict  # noqa: E402
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello."}]
@@ -35,16 +37,6 @@ LC_HELLO = [SystemMessage("You are brief."), HumanMessage("Say hello.")]
 ASK_JSON = [{"role": "user", "content": "Rate your day as JSON."}]
 STRUCTURED_BUDGET = 200  # generous: a bounded schema's grammar finishes well before it
 PROMPTS = ["Once upon a time", "Hello there!"]
-
-
-class Verdict(BaseModel):
-    """A bounded schema: enums, a boolean, a bounded integer and a short string."""
-
-    model_config = ConfigDict(extra="forbid")
-    mood: Literal["happy", "sad", "neutral"]
-    confident: bool
-    stars: int = Field(ge=1, le=5)
-    note: str = Field(max_length=12)
 
 
 class GetWeather(BaseModel):

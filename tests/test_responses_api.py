@@ -10,13 +10,13 @@ parse out of the events and objects.
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 import jsonschema
 import openai
 import pytest
 from openai import OpenAI
-from pydantic import BaseModel, ConfigDict, Field
+
+from tests.helpers.schemas import Verdict
 
 MODEL = "tiny-chat"
 BRIEF = "You are brief."
@@ -26,16 +26,6 @@ CITY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Pa
         "required": ["city", "days"], "additionalProperties": False}
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "The weather forecast for a city.",
                 "parameters": CITY, "strict": True}
-
-
-class Verdict(BaseModel):
-    """A bounded schema: enums, a boolean, a bounded integer and a short string."""
-
-    model_config = ConfigDict(extra="forbid")
-    mood: Literal["happy", "sad", "neutral"]
-    confident: bool
-    stars: int = Field(ge=1, le=5)
-    note: str = Field(max_length=12)
 
 
 @pytest.fixture
