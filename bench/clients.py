@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 
-from ui.sources import openai_pieces
+from ui.sources import openai_pieces, sse_lines
 
 Stream = Callable[[str, int], AsyncIterator[str]]
 
@@ -75,7 +75,7 @@ def openai_client(api_url: str, client: httpx.AsyncClient, model: str | None = N
                 "stream": True, **GREEDY} | ({"model": model} if model else {})
         async with client.stream("POST", f"{api_url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
-            async for piece in openai_pieces(response.aiter_lines()):
+            async for piece in openai_pieces(sse_lines(response)):
                 yield piece
 
     return stream
@@ -90,7 +90,7 @@ def completions_client(api_url: str, client: httpx.AsyncClient, encode: Callable
         body = {"prompt": encode(prompt), "max_tokens": max_tokens, "stream": True, **GREEDY}
         async with client.stream("POST", f"{api_url}/v1/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line.removeprefix("data: "))
@@ -142,7 +142,7 @@ def page_client(page_url: str, client: httpx.AsyncClient) -> Stream:
         output, sent = None, ""
         async with client.stream("GET", api + "queue/data", params={"session_hash": session}) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 message = json.loads(line[5:])

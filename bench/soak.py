@@ -47,6 +47,7 @@ from pathlib import Path
 import httpx
 
 from bench import processes, stack
+from ui.sources import sse_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 # How often each client picks each kind of action.
@@ -180,7 +181,7 @@ async def chat_stream(traffic: Traffic, kind: str, messages: list[dict], max_tok
                                          headers=headers) as response:
             if response.status_code != 200:
                 return await refusal(response, kind, started_s), ""
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -587,10 +588,17 @@ def soak_textbot(args: argparse.Namespace) -> dict:
 def soak_llamacpp(args: argparse.Namespace) -> dict:
     """The same traffic (no tutorial endpoint) against llama-server on the GGUF file deploy.yaml's
     model is, as `python -m bench` starts it, with 8 slots and 16384 tokens of context."""
-    from bench.__main__ import (gguf_path, llamacpp_binary, llamacpp_command, llamacpp_context, llamacpp_server,
-                                LLAMACPP_MISSING, textbot_args)
-    from bench import llamacpp_build
     from backend.settings import TextbotSettings
+    from bench import llamacpp_build
+    from bench.__main__ import (
+        LLAMACPP_MISSING,
+        gguf_path,
+        llamacpp_binary,
+        llamacpp_command,
+        llamacpp_context,
+        llamacpp_server,
+        textbot_args,
+    )
 
     model_args, replica_cpus = textbot_args()
     settings = TextbotSettings.model_validate(model_args)

@@ -54,10 +54,10 @@ def _default_settings(**changes) -> ModelSettings:
 
 
 def test_default_models_converted_copy_holds_what_the_engine_reads():
-    """No bfloat16 prompt copies (model.prompt_weights defaults to int4), the Q8_0 embedding as
-    int8 codes and fp16 scales, and no second copy of the output layer tied to it."""
-    settings = _default_settings()
-    assert settings.prompt_weights == "int4"
+    """No bfloat16 prompt copies (model.prompt_weights defaults to int4; deploy.yaml asks for them),
+    the Q8_0 embedding as int8 codes and fp16 scales, and no second copy of the output layer tied to it."""
+    assert ModelSettings().prompt_weights == "int4"
+    settings = _default_settings(prompt_weights="int4", compile=False)
     loaded = load(settings)
     folder = converted_cache(settings, locate(settings))
     with safe_open(str(folder / "model.safetensors"), "pt") as saved:

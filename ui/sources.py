@@ -11,6 +11,19 @@ from ui.chat import Usage
 Notify = Callable[[str], None]
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """A server-sent event stream's lines, split at line feeds only (SSE's line ends). Not
+    httpx's `aiter_lines`, which splits as str.splitlines does, also inside a JSON string at
+    U+2028, U+0085 and the like, which a model's reply may hold (a random test model's did)."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
 def dropped_notice(dropped: int) -> str:
     return (f"The conversation outgrew the model's context: its {dropped} oldest "
             f"message{'s' if dropped > 1 else ''} no longer reach the model.")
@@ -80,7 +93,7 @@ def http_source(backend_url: str, api_key: str | None = None, timeout_s: float =
                 if dropped := int(response.headers.get("x-textbot-dropped-messages", "0")):
                     notify(dropped_notice(dropped))
                 request_id = response.headers.get("x-request-id")
-                async for piece in openai_pieces(response.aiter_lines(), usage=True):
+                async for piece in openai_pieces(sse_lines(response), usage=True):
                     yield piece if isinstance(piece, str) else dataclasses.replace(piece, request_id=request_id)
         except httpx.TransportError as error:
             raise BackendError(f"cannot reach the backend at {backend_url} ({error.__class__.__name__}).") from error
