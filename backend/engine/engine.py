@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.engine import batch as generic_path
-from backend.engine import slots
+from backend.engine import batch as generic_path, slots
 from backend.engine.allocator import give_back_free_memory
 from backend.engine.constraint import Constraint, Vocabulary
 from backend.engine.detokenizer import IncrementalDetokenizer
@@ -337,10 +336,10 @@ class Engine:
         give the prefix cache what that leaves (it evicts down to it). Going idle, the memory
         the replies' keys and values and activations took goes back to the system."""
         ends = [r.end for r in batch.requests] + [c.end for p in reading for c in p.request.choices]
-        if not ends and batch.allocated[0]:
-            batch.reserve(0, 0)
-            give_back_free_memory()
+        going_idle = not ends and batch.allocated[0]
         batch.reserve(self.kv_budget.batch_rows(len(ends)), max(ends, default=0))
+        if going_idle:  # the batch has just let its keys and values go
+            give_back_free_memory()
         if self.prefix_cache is not None:
             self.prefix_cache.fit(self.kv_budget.limit - self._plan(batch, [p.request for p in reading]))
 
