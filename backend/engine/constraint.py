@@ -38,6 +38,7 @@ class Vocabulary:
         self._built: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self.started = False  # by build_soon
+        self._thread: threading.Thread | None = None
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -62,7 +63,13 @@ class Vocabulary:
                 log.info("The grammar's view of the vocabulary could not be built: %s", exc)
             give_back_free_memory()  # the build's temporaries: about 50 MB of the default model's engine
 
-        threading.Thread(target=build, name="grammar-vocabulary", daemon=True).start()
+        self._thread = threading.Thread(target=build, name="grammar-vocabulary", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float) -> None:
+        """Until `build_soon`'s thread, if any, has finished."""
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (its text may be half a character)."""

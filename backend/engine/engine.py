@@ -180,11 +180,17 @@ class Engine:
             return f"The decode loop has finished no step for {stalled:.1f} s with requests in flight."
         return None
 
-    def shutdown(self) -> None:
-        """Stop the loop; everything in flight ends as cancelled."""
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop; everything in flight ends as cancelled. Waits for the loop's thread
+        (it stops at its next step) and the vocabulary's build: a thread still inside torch or
+        the tokenizer when the interpreter exits can abort it ("terminate called without an
+        active exception")."""
         with self._work:
             self._stopped = True
             self._work.notify()
+        if threading.current_thread() is not self._loop:
+            self._loop.join(timeout_s)
+        self.vocabulary.wait(timeout_s)
 
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(encode_prompt(self.loaded.tokenizer, messages))

@@ -121,8 +121,9 @@ class EngineProcess:
         return await self._ask(None, "fit", conversation, budget)
 
     async def stats(self) -> dict:
-        """Now, not as last reported: {"running", "in_flight", "prefix_cache", "kv", "rss"}: PrefixCacheStats
-        as a dict (None without a prefix cache), the engine's KvUsage as a dict, the engine process's RSS."""
+        """Now, not as last reported: {"running", "in_flight", "prefix_cache", "kv", "rss", "allocator"}:
+        PrefixCacheStats as a dict (None without a prefix cache), the engine's KvUsage as a dict, the
+        engine process's RSS, and the glibc malloc settings it runs with."""
         return await self._ask(None, "stats")
 
     @property
@@ -392,7 +393,9 @@ def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) ->
         cache = engine.prefix_cache
         return {"running": engine.running, "in_flight": engine.in_flight,
                 "prefix_cache": vars(cache.stats).copy() if cache else None,
-                "kv": dataclasses.asdict(engine.kv_usage), "rss": resident_bytes()}
+                "kv": dataclasses.asdict(engine.kv_usage), "rss": resident_bytes(),
+                # As this process got them: the environment may set its own (it wins).
+                "allocator": {name: os.environ.get(name) for name in ENGINE_ALLOCATOR_ENV}}
 
     answers = {"submit": submit, "stats": stats,
                "fit": lambda conversation, budget: fit_to_context(conversation, engine.count_prompt_tokens, budget)}
