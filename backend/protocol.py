@@ -154,6 +154,7 @@ class ReplyPiece:
     cached_tokens: int = 0  # of the prompt's, read from the replica's prefix cache
     index: int = 0  # which of the prompt's replies (`n`) this piece belongs to
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind `text`, when asked for
+    stop_sequence: str | None = None  # on the last piece: the stop string that ended the reply, if one did
 
 
 def check_text(text: str, param: str, max_chars: int) -> str:

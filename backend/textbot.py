@@ -67,7 +67,7 @@ class Textbot:
 
         async for text in self._observed(generation, route):
             yield piece(text, logprobs=generation.logprobs)
-        yield dataclasses.replace(piece("", generation.finish_reason),
+        yield dataclasses.replace(piece("", generation.finish_reason), stop_sequence=generation.stop_sequence,
                                   completion_tokens=generation.completion_tokens)
 
     async def stream_chat(

@@ -52,3 +52,16 @@ def test_bytes_that_never_form_a_character_do_not_stall_the_stream(tokenizer):
     pieces = [detokenizer.push(stray_continuation_byte) for _ in range(8)]
     assert all(pieces[3::4])  # released after at most four held tokens
     assert "".join(pieces) + detokenizer.flush() == REPLACEMENT_CHAR * 8
+
+
+def test_stop_strings_name_the_one_that_ended_the_text():
+    """The first stop string in the text wins, whichever is listed first; one split across
+    pieces is held back until it shows, and then named (the Messages API's `stop_sequence`)."""
+    from backend.engine.stops import StopStrings
+
+    stops = StopStrings(["world", "lo w"])
+    assert stops.push("Hel") == ("He", False)  # "l" could start "lo w"
+    assert stops.push("lo") == ("l", False)
+    assert stops.push(" world") == ("", True)  # "lo world": "lo w" comes first
+    assert stops.matched == "lo w"
+    assert StopStrings(["x"]).matched is None

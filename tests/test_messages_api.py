@@ -100,6 +100,13 @@ def test_stop_sequences_end_the_reply_before_them(client):
     cut = client.messages.create(model=MODEL, max_tokens=12, messages=HELLO, stop_sequences=[stop],
                                  extra_body=GREEDY)
     assert text_of(cut) == whole[:whole.index(stop)]
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    with client.messages.stream(model=MODEL, max_tokens=12, messages=HELLO, stop_sequences=["never said", stop],
+                                extra_body=GREEDY) as stream:
+        [delta] = [event.delta for event in stream if event.type == "message_delta"]
+        streamed = stream.get_final_message()
+    assert (delta.stop_reason, delta.stop_sequence) == ("stop_sequence", stop)
+    assert text_of(streamed) == text_of(cut) and streamed.stop_sequence == stop
 
 
 def test_top_k_of_one_is_greedy_at_any_temperature(client):

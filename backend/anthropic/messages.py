@@ -79,10 +79,13 @@ def usage(counter: UsageCounter) -> MessageUsage:
                  cache_read_input_tokens=counter.cached_tokens)
 
 
-def _stop_reason(outcome: tools.Outcome) -> str:
+def _stop(outcome: tools.Outcome, stop_sequence: str | None) -> dict:
+    """`stop_reason` and `stop_sequence`, as Message and MessageDelta carry them."""
     if outcome.called:
-        return "tool_use"
-    return "max_tokens" if outcome.finish_reason == "length" else "end_turn"
+        return {"stop_reason": "tool_use"}
+    if stop_sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop_sequence}
+    return {"stop_reason": "max_tokens" if outcome.finish_reason == "length" else "end_turn"}
 
 
 def _tool_use_id(call_id: str) -> str:
@@ -109,13 +112,14 @@ def _blocks(outcome: tools.Outcome) -> list:
 async def create(plan: ReplyPlan, reply: Reply, model: str) -> Message:
     reader = tools.ReplyReader(plan.tool_use)
     counter = UsageCounter()
-    finish_reason = "stop"
+    finish_reason, stop_sequence = "stop", None
     async for piece in reply:
         counter.count(piece)
         reader.push(piece)
         finish_reason = piece.finish_reason or finish_reason
+        stop_sequence = piece.stop_sequence or stop_sequence
     outcome = reader.finish(finish_reason)
-    return Message(model=model, content=_blocks(outcome), stop_reason=_stop_reason(outcome), usage=usage(counter))
+    return Message(model=model, content=_blocks(outcome), usage=usage(counter), **_stop(outcome, stop_sequence))
 
 
 async def count(reply: Reply) -> int:
@@ -152,13 +156,14 @@ def sse_stream(plan: ReplyPlan, reply: Reply, model: str) -> AsyncIterator[str]:
 async def _events(plan: ReplyPlan, reply: Reply, model: str) -> AsyncIterator:
     reader = tools.ReplyReader(plan.tool_use)
     counter = UsageCounter()
-    finish_reason = "stop"
+    finish_reason, stop_sequence = "stop", None
     started = False
     text_open = False
     streamed_call = False  # a named function's call (block 0), its input streamed as it comes
     async for piece in reply:
         counter.count(piece)
         finish_reason = piece.finish_reason or finish_reason
+        stop_sequence = piece.stop_sequence or stop_sequence
         if not started:  # the first piece carries the prompt's token counts
             started = True
             opening = usage(counter).model_copy(update={"output_tokens": 0})
@@ -191,5 +196,5 @@ async def _events(plan: ReplyPlan, reply: Reply, model: str) -> AsyncIterator:
             yield BlockDeltaEvent(index=index, delta=InputJsonDelta(partial_json=json.dumps(block.input)))
         yield BlockStopEvent(index=index)
         index += 1
-    yield MessageDeltaEvent(delta=MessageDelta(stop_reason=_stop_reason(outcome)), usage=usage(counter))
+    yield MessageDeltaEvent(delta=MessageDelta(**_stop(outcome, stop_sequence)), usage=usage(counter))
     yield MessageStopEvent()

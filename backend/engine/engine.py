@@ -495,6 +495,8 @@ class Engine:
             # The text held back: by the detokenizer (half a character), by the stop strings (maybe one's start).
             tail, stopped = request.stops.push(request.detokenizer.flush())
             request.unsent_text += tail + ("" if stopped else request.stops.flush())
+        if finished.reason == "stop" and request.stops.matched:
+            finished = Finished(finished.reason, stop_sequence=request.stops.matched)
         # What the stream interval held goes out before the end (an error's too).
         if request.unsent_text or (request.unsent_logprobs and finished.reason in ("stop", "length")):
             self._send(request, "", now=True)

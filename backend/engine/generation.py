@@ -19,6 +19,7 @@ from backend.protocol import ResolvedSampling, TokenLogprob
 class Finished:
     reason: str  # "stop" (end of sequence), "length" (token budget, context or time cap), "cancelled", "error"
     error: BaseException | None = None
+    stop_sequence: str | None = None  # the stop string that ended the reply, when one did
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Generation:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     tokens_streamed: int = 0  # in the pieces yielded so far: the consumer's view, for its metrics
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # as Finished's
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens behind the last piece
     submitted: float = field(default_factory=time.monotonic)
     on_cancel: Callable[[], None] | None = field(default=None, repr=False)  # tells an engine elsewhere
@@ -59,7 +61,7 @@ class Generation:
             while True:
                 item = await self._queue.get()
                 if isinstance(item, Finished):
-                    self.finish_reason = item.reason
+                    self.finish_reason, self.stop_sequence = item.reason, item.stop_sequence
                     if item.error is not None:
                         raise item.error
                     return

@@ -19,16 +19,18 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...] | list[str]):
         self.stops = tuple(stops)
         self.held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, piece: str) -> tuple[str, bool]:
         """Returns the text that is safe to send, and whether a stop string was hit."""
         if not self.stops:
             return piece, False
         text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return text[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])  # the first in the text; of two there, the first listed
+            return text[:at], True
         keep = held_back(text, self.stops)
         self.held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep], False
