@@ -14,8 +14,6 @@ own protocol.
 # No `from __future__ import annotations`: FastAPI reads the route signatures of
 # this class through serve.ingress and cannot resolve string annotations there.
 import asyncio
-import hashlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,8 +22,6 @@ from typing import Annotated
 from fastapi import FastAPI, Header, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from backend.anthropic import messages
@@ -38,8 +34,9 @@ from backend.openai.plan import ReplyPlan
 from backend.openai.protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard,
                                      ModelList)
 from backend.openai.responses_protocol import Response, ResponseRequest
-from backend.protocol import ChatMessage, ReplyPiece, SamplingParams, ToolSpec, check_text
-from backend.settings import TextbotSettings
+from backend.protocol import ChatMessage, SamplingParams
+from backend.routing import Models, RemoteReply, replica_cause
+from backend.settings import TextbotSettings, deployment_name
 
 api = FastAPI(
     title="Textbot",
@@ -67,76 +64,8 @@ END_OF_REPLY = "<<Response Finished>>"
 # /health waits this long for a model replica to answer.
 HEALTH_TIMEOUT_S = 5.0
 
-_REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
-
-
-def replica_cause(error: Exception) -> Exception:
-    """The exception a Textbot replica raised, without Ray's RayTaskError wrapper (`.cause`)."""
-    return getattr(error, "cause", None) or error
-
-
-def served_error(error: Exception, mid_reply: bool) -> Exception:
-    """What a failed call to a Textbot replica means to the client; Serve's own
-    errors say the replica is full or gone."""
-    cause = replica_cause(error)
-    if isinstance(cause, (APIError, GenerationError)):
-        return cause
-    if isinstance(cause, BackPressureError):
-        return APIError(503, "Every model replica is at capacity. Try again in a few seconds.",
-                        code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
-    if isinstance(cause, _REPLICA_LOST):
-        if mid_reply:
-            return GenerationError(f"The model replica stopped mid-reply ({type(cause).__name__}); "
-                                   "send the request again.")
-        return APIError(503, "No model replica could take the request; one is restarting. "
-                        "Try again in a few seconds.", code="unavailable", headers={"Retry-After": RETRY_AFTER_S})
-    return error
-
-
-def conversation_key(session_id: str | None, messages: list[ChatMessage] | str | list[int]) -> str:
-    """The key that routes a request to a model replica (Textbot's router hashes it: see
-    deploy.yaml's request_router_config), so a conversation's turns meet its prefix cache:
-    the client's session id, else the conversation's opening, which every later turn repeats
-    (for a plain prompt, its first 256 characters or tokens)."""
-    if session_id:
-        return session_id
-    if not messages or not isinstance(messages[0], ChatMessage):
-        return hashlib.sha256(json.dumps(messages[:256]).encode()).hexdigest()[:32]
-    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages) - 1)
-    opening = [(m.role, m.content) for m in messages[:first_user + 1]]
-    return hashlib.sha256(json.dumps(opening).encode()).hexdigest()[:32]
-
-
-class RemoteReply:
-    """A reply streaming from a Textbot replica: iterate once for its pieces (ReplyPiece:
-    text, token counts, and with `n` > 1 the choice's index), or `text()` for its text.
-    `prompt` is a conversation (which may call `tools`), a text, or token ids."""
-
-    def __init__(self, handle: DeploymentHandle, route: str, prompt: list[ChatMessage] | str | list[int],
-                 sampling: SamplingParams, strict: bool = False, session: str | None = None,
-                 tools: list[ToolSpec] | None = None):
-        key = conversation_key(session, prompt)
-        self._response = (handle.options(stream=True, session_id=key)
-                          .stream_reply.remote(prompt, sampling, strict, route, tools))
-        self._open = True
-
-    async def __aiter__(self) -> AsyncIterator[ReplyPiece]:
-        started = False
-        try:
-            async for piece in self._response:
-                started = True
-                yield piece
-            self._open = False
-        except Exception as error:
-            raise served_error(error, started) from None
-        finally:
-            if self._open:  # the client went away: free the replica's slot now
-                self._response.cancel()
-
-    async def text(self) -> AsyncIterator[str]:
-        async for piece in self:
-            if piece.text:
-                yield piece.text
+# A refusal's HTTP status as a WebSocket close code: 1009 too big, 1007 bad data, 1013 try again later.
+_WEBSOCKET_CLOSE = {413: 1009, 400: 1007, 503: 1013}
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
@@ -166,11 +95,17 @@ async def started(stream) -> AsyncIterator:
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class TextbotAPI:
-    def __init__(self, settings: TextbotSettings, textbot: DeploymentHandle):
+    def __init__(self, settings: TextbotSettings, textbots: list[DeploymentHandle]):
         self.settings = settings
-        self.textbot = textbot
-        self.model_name = settings.model.served_name
+        # One Textbot deployment per model, in the config's order: the first is the default.
+        self.served = Models({model.served_name: handle for model, handle in zip(settings.models, textbots)})
         self.started = int(time.time())
+        self.app_name = serve.get_replica_context().app_name
+        self._cards: dict[str, dict] = {}  # what each model's replica said when last asked (ready)
+
+    def model_names(self) -> list[str]:
+        """The served models' names, the default first: for callers through a handle (the chat page)."""
+        return self.served.names
 
     @api.post("/", response_class=StreamingResponse, summary="Stream a reply to one prompt")
     async def generate(
@@ -180,94 +115,106 @@ class TextbotAPI:
         temperature: Annotated[float | None, Query(ge=0.0, le=2.0)] = None,
         top_p: Annotated[float | None, Query(gt=0.0, le=1.0)] = None,
         seed: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+        model: Annotated[str | None, Query(description="Which model answers; the default when left out.")] = None,
         session_id: SessionHeader = None,
     ) -> StreamingResponse:
         """The Ray Serve tutorial's endpoint: the reply as text/plain, piece by piece."""
-        messages = [ChatMessage(role="user", content=self._check_text(prompt, "prompt"))]
+        handle = self.served.handle(model)
+        messages = [ChatMessage(role="user", content=prompt)]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed)
-        pieces = await started(RemoteReply(self.textbot, "POST /", messages, sampling, session=session_id).text())
+        reply = RemoteReply(handle, "POST /", messages, sampling, session=session_id, param="prompt")
+        pieces = await started(reply.text())
         return StreamingResponse(pieces, media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS)
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion,
               summary="OpenAI-compatible chat completions, streaming (SSE) or not")
     async def chat_completions(self, request: ChatCompletionRequest, session_id: SessionHeader = None):
-        self._check_model(request.model)
-        plan = chat.reply_plan(request, session_id)
-        reply, dropped = await self._reply(plan)
-        headers = {DROPPED_HEADER: str(dropped)}
+        name = self.served.name(request.model)
+        reply = self._reply(name, chat.reply_plan(request, session_id))
         if request.stream:
-            return StreamingResponse(chat.sse_stream(request, await started(reply), self.model_name),
-                                     media_type="text/event-stream", headers=STREAM_HEADERS | headers)
-        return JSONResponse((await chat.complete(request, reply, self.model_name)).model_dump(), headers=headers)
+            pieces = await started(reply)
+            return StreamingResponse(chat.sse_stream(request, pieces, name), media_type="text/event-stream",
+                                     headers=STREAM_HEADERS | {DROPPED_HEADER: str(reply.dropped)})
+        completion = await chat.complete(request, reply, name)
+        return JSONResponse(completion.model_dump(), headers={DROPPED_HEADER: str(reply.dropped)})
 
     @api.post("/v1/responses", response_model=Response,
               summary="OpenAI Responses: text and function calls, streaming (typed SSE events) or not")
     async def create_response(self, request: ResponseRequest, session_id: SessionHeader = None):
-        self._check_model(request.model)
+        name = self.served.name(request.model)
         plan = responses.reply_plan(request, session_id)
-        reply, dropped = await self._reply(plan)
-        headers = {DROPPED_HEADER: str(dropped)}
+        reply = self._reply(name, plan)
         if request.stream:
-            return StreamingResponse(responses.sse_stream(request, plan, await started(reply), self.model_name),
-                                     media_type="text/event-stream", headers=STREAM_HEADERS | headers)
-        response = await responses.respond(request, plan, reply, self.model_name)
-        return JSONResponse(response.model_dump(mode="json", by_alias=True), headers=headers)
+            pieces = await started(reply)
+            return StreamingResponse(responses.sse_stream(request, plan, pieces, name), media_type="text/event-stream",
+                                     headers=STREAM_HEADERS | {DROPPED_HEADER: str(reply.dropped)})
+        response = await responses.respond(request, plan, reply, name)
+        return JSONResponse(response.model_dump(mode="json", by_alias=True), headers={DROPPED_HEADER: str(reply.dropped)})
 
     @api.post("/v1/messages", response_model=Message,
               summary="Anthropic Messages: text and tool use, streaming (SSE events) or not")
     async def create_message(self, request: MessagesRequest, session_id: SessionHeader = None):
-        self._check_model(request.model)
+        name = self.served.name(request.model)
         plan = messages.reply_plan(request, session_id)
-        reply, _ = await self._reply(plan)
+        reply = self._reply(name, plan)
         if request.stream:
-            return StreamingResponse(messages.sse_stream(plan, await started(reply), self.model_name),
+            return StreamingResponse(messages.sse_stream(plan, await started(reply), name),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
-        return JSONResponse((await messages.create(plan, reply, self.model_name)).model_dump(mode="json"))
+        return JSONResponse((await messages.create(plan, reply, name)).model_dump(mode="json"))
 
     @api.post("/v1/messages/count_tokens", response_model=TokenCount,
               summary="Anthropic Messages: the prompt's tokens, tools and system prompt included")
     async def count_message_tokens(self, request: CountTokensRequest, session_id: SessionHeader = None) -> TokenCount:
-        self._check_model(request.model)
-        reply, _ = await self._reply(messages.count_plan(request, session_id))
-        return TokenCount(input_tokens=await messages.count(reply))
+        name = self.served.name(request.model)
+        return TokenCount(input_tokens=await messages.count(self._reply(name, messages.count_plan(request, session_id))))
 
     @api.post("/v1/completions", response_model=Completion,
               summary="OpenAI-compatible (legacy) text completions, streaming (SSE) or not")
     async def completions(self, request: CompletionRequest, session_id: SessionHeader = None):
-        self._check_model(request.model)
-        prompts = request.prompts
-        if request.text_prompts:
-            for prompt in prompts:
-                self._check_text(prompt, "prompt")
+        name = self.served.name(request.model)
         sampling = completions.sampling(request)
-        replies = [RemoteReply(self.textbot, "POST /v1/completions", prompt, sampling, strict=True,
-                               session=session_id) for prompt in prompts]
+        replies = [RemoteReply(self.served.handles[name], "POST /v1/completions", prompt, sampling, strict=True,
+                               session=session_id, param="prompt") for prompt in request.prompts]
         if request.stream:
             replies = await asyncio.gather(*map(started, replies))
-            return StreamingResponse(completions.sse_stream(request, replies, self.model_name),
+            return StreamingResponse(completions.sse_stream(request, replies, name),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
-        return JSONResponse((await completions.complete(request, replies, self.model_name)).model_dump())
+        return JSONResponse((await completions.complete(request, replies, name)).model_dump())
 
-    @api.get("/v1/models", response_model=ModelList, summary="The served model")
+    @api.get("/v1/models", response_model=ModelList, summary="The served models")
     async def models(self) -> ModelList:
-        try:
-            served = await asyncio.wait_for(self.textbot.ready.remote(), HEALTH_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - loading, restarting or gone: listed, as not loaded
-            served = None
-        card = ModelCard(id=self.model_name, created=self.started, loaded=served is not None,
-                         quantization=self.settings.model.quantization)
-        if served:
-            card.context_length = served["context_length"]
-            card.engine, card.engine_reason = ("transformers", served["fallback"]) if served["fallback"] else ("textbot", None)
-        return ModelList(data=[card])
+        """Every model, whether loaded or asleep; asking never wakes one (a sleeping model's
+        replicas are counted, not called)."""
+        running = await asyncio.to_thread(self._running_replicas)
+        names = self.served.names
+        asked = await asyncio.gather(*(self._card(name) for name in names if running.get(name)),
+                                     return_exceptions=True)  # loading, restarting or gone: not loaded
+        cards = {name: card for name, card in zip([n for n in names if running.get(n)], asked)
+                 if isinstance(card, dict)}
+        listed = []
+        for model in self.settings.models:
+            name = model.served_name
+            served = cards.get(name) or self._cards.get(name)
+            card = ModelCard(id=name, created=self.started, loaded=cards.get(name) is not None,
+                             quantization=model.quantization)
+            if served:
+                card.context_length = served["context_length"]
+                card.engine, card.engine_reason = (("transformers", served["fallback"]) if served["fallback"]
+                                                   else ("textbot", None))
+            listed.append(card)
+        return ModelList(data=listed)
 
     @api.websocket("/")
-    async def chat_socket(self, ws: WebSocket) -> None:
-        """The tutorial's WebSocket chat: each text frame is a user message; the reply
-        streams back as text frames, then END_OF_REPLY. The connection keeps the
-        conversation, trimmed from its oldest turns to fit the model's context."""
+    async def chat_socket(self, ws: WebSocket, model: str | None = None) -> None:
+        """The tutorial's WebSocket chat (`?model=` picks the model): each text frame is a user
+        message; the reply streams back as text frames, then END_OF_REPLY. The connection keeps
+        the conversation, trimmed from its oldest turns to fit the model's context."""
         await ws.accept()
+        try:
+            handle = self.served.handle(model)
+        except APIError as error:
+            return await _close(ws, 1008, error.message)
         conversation: list[ChatMessage] = []
         session = ws.headers.get("x-session-id") or uuid.uuid4().hex  # the connection is the conversation
         while True:
@@ -280,61 +227,51 @@ class TextbotAPI:
             text = frame.get("text")
             if text is None:
                 return await _close(ws, 1003, "Send text frames: binary frames are not supported.")
+            conversation.append(ChatMessage(role="user", content=text))
+            reply = RemoteReply(handle, "WebSocket /", conversation, SamplingParams(), session=session,
+                                truncate=True, param="message")
+            said = ""
             try:
-                self._check_text(text, "message")
-            except APIError as error:
-                return await _close(ws, 1009 if error.status == 413 else 1007, error.message)
-            reply = ""
-            try:
-                conversation, _ = await self._fit([*conversation, ChatMessage(role="user", content=text)])
-                async for piece in RemoteReply(self.textbot, "WebSocket /", conversation, SamplingParams(),
-                                               session=session).text():
-                    reply += piece
+                async for piece in reply.text():
+                    said += piece
                     await ws.send_text(piece)
-            except APIError as error:  # 1013: "try again later"
-                return await _close(ws, 1013 if error.status == 503 else 1008, error.message)
+            except APIError as error:
+                return await _close(ws, _WEBSOCKET_CLOSE.get(error.status, 1008), error.message)
             except GenerationError as error:
                 return await _close(ws, 1011, str(error))
-            conversation.append(ChatMessage(role="assistant", content=reply))
+            # Kept as the model last read it: without the turns that no longer fit.
+            conversation = [*conversation[reply.dropped:], ChatMessage(role="assistant", content=said)]
             await ws.send_text(END_OF_REPLY)
 
-    @api.get("/health", summary="Ready when a model replica answers")
+    @api.get("/health", summary="Ready when the default model's replica answers")
     async def health(self) -> dict:
         try:
-            await asyncio.wait_for(self.textbot.ready.remote(), HEALTH_TIMEOUT_S)
+            await self._card(self.served.default)
         except Exception as error:  # noqa: BLE001 - any failure means not ready
             cause = replica_cause(error)
             raise APIError(503, f"No model replica is ready ({type(cause).__name__}: {cause}); "
                            "one may be loading or restarting.",
                            code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
-        return {"status": "ok", "model": self.model_name}
+        return {"status": "ok", "model": self.served.default}
 
-    async def _reply(self, plan: ReplyPlan) -> tuple[RemoteReply, int]:
-        """The one way every API's request reaches the model: its text checked, the oldest turns
-        dropped if asked, then the reply streaming from a replica (with how many turns were dropped)."""
-        messages = plan.messages
-        for message in messages:
-            if not message.tool_calls:  # an assistant turn that only called tools may say nothing
-                self._check_text(message.content, plan.param)
-        dropped = 0
-        if plan.truncate:
-            messages, dropped = await self._fit(messages, plan.sampling.max_new_tokens)
-        reply = RemoteReply(self.textbot, plan.route, messages, plan.sampling, strict=True,
-                            session=plan.session, tools=plan.tool_use.for_prompt())
-        return reply, dropped
+    def _reply(self, name: str, plan: ReplyPlan) -> RemoteReply:
+        """The one way every chat-like API's request reaches the model: the reply streaming from
+        a replica of model `name`, which checks the text and drops the oldest turns if asked."""
+        return RemoteReply(self.served.handles[name], plan.route, plan.messages, plan.sampling, strict=True,
+                           session=plan.session, tools=plan.tool_use.for_prompt(), truncate=plan.truncate,
+                           param=plan.param)
 
-    async def _fit(self, messages: list[ChatMessage], max_new_tokens: int | None = None
-                   ) -> tuple[list[ChatMessage], int]:
-        try:
-            fitted = await self.textbot.fit_conversation.remote(messages, max_new_tokens)
-        except Exception as error:
-            raise served_error(error, mid_reply=False) from None
-        return [ChatMessage(**m) for m in fitted["messages"]], fitted["dropped"]
+    async def _card(self, name: str) -> dict:
+        """What a replica of model `name` says it serves (waits up to HEALTH_TIMEOUT_S)."""
+        served = await asyncio.wait_for(self.served.handles[name].ready.remote(), HEALTH_TIMEOUT_S)
+        self._cards[name] = served
+        return served
 
-    def _check_model(self, model: str | None) -> None:
-        if model not in (None, self.model_name):
-            raise APIError(404, f"The model {model!r} does not exist; this server serves "
-                           f"{self.model_name!r}.", param="model", code="model_not_found")
-
-    def _check_text(self, text: str, param: str) -> str:
-        return check_text(text, param, self.settings.max_prompt_chars)
+    def _running_replicas(self) -> dict[str, int]:
+        """Each model's running replicas, from Serve's controller (no request to the model)."""
+        deployments = serve.status().applications[self.app_name].deployments
+        counts = {}
+        for name in self.served.names:
+            status = deployments.get(deployment_name(name))
+            counts[name] = status.replica_states.get("RUNNING", 0) if status else 0
+        return counts

@@ -41,11 +41,11 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from backend.engine.cpus import ENV as ENGINE_CPUS_ENV, parse as parse_cpus
+from backend.config import TEXTBOT_IMPORT, DeployConfig
 from backend.engine import process as engine_process
+from backend.engine.cpus import ENV as ENGINE_CPUS_ENV, parse as parse_cpus
 from backend.settings import TextbotSettings
 
 BIN = Path(sys.executable).parent
@@ -65,7 +65,7 @@ def main() -> int:
     args, ray_flags = parser.parse_known_args()
     if not Path(args.config).is_file():
         parser.error(f"no Serve config at {args.config}")
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = DeployConfig.read(args.config).raw
     http_options = config.setdefault("http_options", {})
     http_host = http_options.get("host", "127.0.0.1")  # Serve's defaults
     http_port = args.http_port or http_options.get("port", 8000)
@@ -176,19 +176,19 @@ def cpus_for_engines(wanted: str, available: set[int]) -> set[int]:
 
 
 def start_warm_engine(config: dict, socket_path: Path) -> subprocess.Popen | None:
-    """The engine process for the model of the config's first application, started to load while
+    """The engine process for the default model of the config's first application, started to load while
     Serve starts, waiting at `socket_path` for the model's replica to adopt it
     (backend/engine/process.py). None when that application is not Textbot's or its args do not
     validate: Serve's build of it says why, as before."""
     first = (config.get("applications") or [{}])[0]
-    if first.get("import_path") != "backend.app:build_app":
+    if first.get("import_path") != TEXTBOT_IMPORT:
         return None
     try:
         settings = TextbotSettings.model_validate(first.get("args") or {})
     except ValidationError:
         return None
     # Ctrl-C is for the launcher: the engine ends with its replica, or in stop_warm_engine.
-    engine = engine_process.start_warm_engine(socket_path, settings.model, start_new_session=True)
+    engine = engine_process.start_warm_engine(socket_path, settings.default.model_settings(), start_new_session=True)
     # Reaped as soon as it exits, so that its replica, which waits for its pid to go, sees it go.
     threading.Thread(target=engine.wait, name="warm-engine-reaper", daemon=True).start()
     return engine

@@ -23,47 +23,54 @@ TOKEN_GAPS = [0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.
 
 
 class ReplyMetrics:
-    """One per Textbot replica."""
+    """One per Textbot replica; every figure carries the replica's `model` label (besides Ray's
+    application, deployment and replica), so dashboards can group by model."""
 
-    def __init__(self):
-        self.time_to_first_token = metrics.Histogram(
+    def __init__(self, model: str):
+        def tagged(kind, name: str, tag_keys: tuple[str, ...] = (), **options):
+            metric = kind(name, tag_keys=(*tag_keys, "model"), **options)
+            metric.set_default_tags({"model": model})
+            return metric
+
+        self.model = model
+        self.time_to_first_token = tagged(metrics.Histogram,
             "textbot_time_to_first_token_seconds", description="From submission to the first text piece.",
             boundaries=SECONDS)
-        self.inter_token = metrics.Histogram(
+        self.inter_token = tagged(metrics.Histogram,
             "textbot_inter_token_latency_seconds", description="Between consecutive tokens of one reply.",
             boundaries=TOKEN_GAPS)
-        self.duration = metrics.Histogram(
+        self.duration = tagged(metrics.Histogram,
             "textbot_request_duration_seconds", description="From submission to the reply's end.",
             boundaries=SECONDS)
-        self.prompt_tokens = metrics.Counter("textbot_prompt_tokens", description="Prompt tokens of replies started.")
-        self.completion_tokens = metrics.Counter("textbot_completion_tokens", description="Tokens generated.")
-        self.finished = metrics.Counter(
+        self.prompt_tokens = tagged(metrics.Counter, "textbot_prompt_tokens", description="Prompt tokens of replies started.")
+        self.completion_tokens = tagged(metrics.Counter, "textbot_completion_tokens", description="Tokens generated.")
+        self.finished = tagged(metrics.Counter,
             "textbot_requests_finished", description="Replies ended, by finish reason: stop, length, "
             "cancelled (the client left or pressed Stop), error.", tag_keys=("finish_reason",))
-        self.refused = metrics.Counter(
+        self.refused = tagged(metrics.Counter,
             "textbot_requests_refused", description="Requests refused before generating, by kind: "
             "overloaded, context_length_exceeded, invalid_request.", tag_keys=("kind",))
-        self.running = metrics.Gauge("textbot_requests_running", description="Replies decoding in the batch.")
-        self.waiting = metrics.Gauge("textbot_requests_waiting", description="Replies waiting for a batch place.")
+        self.running = tagged(metrics.Gauge, "textbot_requests_running", description="Replies decoding in the batch.")
+        self.waiting = tagged(metrics.Gauge, "textbot_requests_waiting", description="Replies waiting for a batch place.")
         self.prefix_cache = {
-            "queried_tokens": metrics.Counter("textbot_prefix_cache_queried_tokens",
+            "queried_tokens": tagged(metrics.Counter, "textbot_prefix_cache_queried_tokens",
                                               description="Prompt tokens looked up in the prefix cache."),
-            "hit_tokens": metrics.Counter("textbot_prefix_cache_hit_tokens",
+            "hit_tokens": tagged(metrics.Counter, "textbot_prefix_cache_hit_tokens",
                                           description="Prompt tokens read from the prefix cache, not computed."),
-            "evictions": metrics.Counter("textbot_prefix_cache_evictions",
+            "evictions": tagged(metrics.Counter, "textbot_prefix_cache_evictions",
                                          description="Prefix cache entries dropped to stay within its budget."),
         }
-        self.prefix_cache_bytes = metrics.Gauge("textbot_prefix_cache_bytes",
+        self.prefix_cache_bytes = tagged(metrics.Gauge, "textbot_prefix_cache_bytes",
                                                 description="Bytes of keys and values the prefix cache holds.")
         self._prefix_cache_reported = {name: 0 for name in self.prefix_cache}
-        self.engine_rss = metrics.Gauge("textbot_engine_rss_bytes",
+        self.engine_rss = tagged(metrics.Gauge, "textbot_engine_rss_bytes",
                                         description="Resident memory of the replica's engine process.")
-        self.kv_budget = metrics.Gauge("textbot_kv_budget_bytes", description="The replica's KV budget "
+        self.kv_budget = tagged(metrics.Gauge, "textbot_kv_budget_bytes", description="The replica's KV budget "
                                        "(engine.kv_cache_mb): what its keys and values may take, all of them.")
-        self.kv_used = metrics.Gauge(
+        self.kv_used = tagged(metrics.Gauge,
             "textbot_kv_used_bytes", description="Keys and values held, by part: rows (replies running and "
             "prompts being read) and prefix_cache (finished replies').", tag_keys=("part",))
-        self.kv_peak = metrics.Gauge("textbot_kv_peak_bytes",
+        self.kv_peak = tagged(metrics.Gauge, "textbot_kv_peak_bytes",
                                      description="The most keys and values held at once since the replica started.")
 
     def set_load(self, running: int, waiting: int) -> None:
@@ -122,7 +129,7 @@ class ReplyMetrics:
             self.finished.inc(tags={"finish_reason": reason})
             report()
             request_log.info(json.dumps({
-                "event": "reply", "route": route, "choice": generation.index, "prompt_tokens": generation.prompt_tokens,
+                "event": "reply", "model": self.model, "route": route, "choice": generation.index, "prompt_tokens": generation.prompt_tokens,
                 "cached_tokens": generation.cached_tokens,
                 "completion_tokens": generation.completion_tokens,
                 "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 1),

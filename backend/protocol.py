@@ -155,6 +155,7 @@ class ReplyPiece:
     index: int = 0  # which of the prompt's replies (`n`) this piece belongs to
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind `text`, when asked for
     stop_sequence: str | None = None  # on the last piece: the stop string that ended the reply, if one did
+    dropped: int = 0  # the conversation's oldest messages left out to fit the context (`truncate`)
 
 
 def check_text(text: str, param: str, max_chars: int) -> str:

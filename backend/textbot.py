@@ -20,7 +20,7 @@ from backend.engine.prompt import is_conversation
 from backend.errors import RETRY_AFTER_S, APIError, EngineBusyError, InvalidSamplingError, PromptTooLongError
 from backend.metrics import ReplyMetrics
 from backend.protocol import ChatMessage, ReplyPiece, ResolvedSampling, SamplingParams, ToolSpec, check_text
-from backend.settings import TextbotSettings
+from backend.settings import ReplicaSettings
 from backend.streams import merge
 
 if TYPE_CHECKING:
@@ -29,9 +29,17 @@ if TYPE_CHECKING:
 _messages = TypeAdapter(list[ChatMessage])
 
 
+def _texts(prompt: list[ChatMessage] | str | list[int]) -> list[str]:
+    """What a prompt says, to check: a conversation's messages (an assistant turn that only
+    called tools may say nothing), or a text; token ids say nothing to check."""
+    if isinstance(prompt, str):
+        return [prompt]
+    return [m.content for m in prompt if isinstance(m, ChatMessage) and not m.tool_calls]
+
+
 @serve.deployment
 class Textbot:
-    def __init__(self, settings: TextbotSettings):
+    def __init__(self, settings: ReplicaSettings):
         # The engine runs in a process of its own, so this process's event loop, streaming
         # the replies through Ray, does not slow its decode steps (backend/engine/process.py).
         # Nothing here imports torch.
@@ -39,71 +47,72 @@ class Textbot:
 
         self.settings = settings
         self.engine = EngineProcess(settings.model, settings.engine, settings.model.torch_threads)
-        self.metrics = ReplyMetrics()
+        self.metrics = ReplyMetrics(settings.model.served_name)
 
     def __del__(self):
         if engine := getattr(self, "engine", None):  # absent if the model failed to load
             engine.shutdown()
 
-    async def stream_reply(self, prompt: list[ChatMessage] | str | list[int], sampling: SamplingParams,
-                           strict: bool = False, route: str = "handle",
-                           tools: list[ToolSpec] | None = None) -> AsyncIterator[ReplyPiece]:
-        """The reply (or `sampling.n` replies, their pieces interleaved, each tagged with its
-        index) with token counts, for the HTTP ingress (already validated there). `prompt` is a
-        conversation (which may call `tools`), a text or token ids; `route` names the caller's
-        route in the request log.
+    async def stream_reply(self, prompt: list[ChatMessage] | list[dict] | str | list[int], sampling: SamplingParams,
+                           strict: bool = False, route: str = "handle", tools: list[ToolSpec] | None = None,
+                           truncate: bool = False, param: str = "messages") -> AsyncIterator[ReplyPiece]:
+        """The one way to a reply: the reply (or `sampling.n` replies, their pieces interleaved,
+        each tagged with its index) with token counts. `prompt` is a conversation (which may call
+        `tools`), a text or token ids; `route` names the caller's route in the request log.
+
+        Every message's text is checked here (`param` names it in the error). `truncate` drops a
+        conversation's oldest turns (never system messages or the last message) until it leaves
+        room for the reply; every piece says how many went (`dropped`). `strict`: a token limit
+        the caller asked for must fit in the context (OpenAI's rule), rather than being shortened.
 
         Raises APIError before the first piece if the request cannot be served;
         a failure while generating raises GenerationError from the stream.
         """
+        try:
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                prompt = _messages.validate_python(prompt)
+            if not isinstance(sampling, SamplingParams):
+                sampling = SamplingParams.model_validate(sampling or {})
+            for text in _texts(prompt):
+                check_text(text, param, self.settings.max_prompt_chars)
+        except ValidationError as exc:
+            self.metrics.refused.inc(tags={"kind": "invalid_request"})
+            error = exc.errors()[0]
+            where = ".".join(map(str, error["loc"]))
+            raise APIError(400, f"Invalid chat request: {where + ': ' if where else ''}{error['msg']}",
+                           param=param) from None
+        except APIError:
+            self.metrics.refused.inc(tags={"kind": "invalid_request"})
+            raise
+        prompt = self._with_system_prompt(prompt)
+        dropped = 0
+        if truncate and is_conversation(prompt):
+            prompt, dropped = await self._fit(prompt, sampling.max_new_tokens)
         generations = await self._start(prompt, sampling, strict, tools)
-        async for piece in merge([self._pieces(generation, route) for generation in generations]):
+        async for piece in merge([self._pieces(generation, route, dropped) for generation in generations]):
             yield piece
 
-    async def _pieces(self, generation: Generation, route: str) -> AsyncIterator[ReplyPiece]:
+    async def _pieces(self, generation: Generation, route: str, dropped: int) -> AsyncIterator[ReplyPiece]:
         def piece(text: str, finish_reason: str | None = None, logprobs=()) -> ReplyPiece:
             return ReplyPiece(text, generation.prompt_tokens, generation.tokens_streamed, finish_reason,
-                              generation.cached_tokens, generation.index, tuple(logprobs))
+                              generation.cached_tokens, generation.index, tuple(logprobs), dropped=dropped)
 
         async for text in self._observed(generation, route):
             yield piece(text, logprobs=generation.logprobs)
         yield dataclasses.replace(piece("", generation.finish_reason), stop_sequence=generation.stop_sequence,
                                   completion_tokens=generation.completion_tokens)
 
-    async def stream_chat(
-        self, messages: list[dict] | list[ChatMessage], sampling: dict | SamplingParams | None = None
-    ) -> AsyncIterator[str]:
-        """Stream the reply to a conversation as text pieces (the chat page's source).
+    def _with_system_prompt(self, prompt: list[ChatMessage] | str | list[int]) -> list[ChatMessage] | str | list[int]:
+        system_prompt = self.settings.generation.system_prompt
+        if system_prompt and is_conversation(prompt) and not any(m.role == "system" for m in prompt):
+            return [ChatMessage(role="system", content=system_prompt), *prompt]
+        return prompt
 
-        Before the first piece, raises ValueError for a malformed conversation or
-        parameters, and APIError (its `status` and `message` are HTTP's) for one that
-        cannot be served: empty or too long, beyond the context, or the replica busy (503).
-        """
-        try:
-            conversation = _messages.validate_python(messages)
-            params = SamplingParams.model_validate(sampling or {})
-        except ValidationError as exc:
-            self.metrics.refused.inc(tags={"kind": "invalid_request"})
-            raise ValueError(f"Invalid chat request: {exc.errors()[0]['msg']}") from None
-        try:
-            for message in conversation:
-                check_text(message.content, "content", self.settings.max_prompt_chars)
-        except APIError:
-            self.metrics.refused.inc(tags={"kind": "invalid_request"})
-            raise
-        [generation] = await self._start(conversation, params.model_copy(update={"n": 1}))
-        async for piece in self._observed(generation, "handle:stream_chat"):
-            yield piece
-
-    async def fit_conversation(self, messages: list[dict] | list[ChatMessage],
-                               max_new_tokens: int | None = None) -> dict:
-        """Drop a conversation's oldest turns (never system messages or the last message) until
-        it leaves room for the reply. Returns {"messages": [...], "dropped": n}."""
-        conversation = _messages.validate_python(messages)
+    async def _fit(self, conversation: list[ChatMessage], max_new_tokens: int | None) -> tuple[list[ChatMessage], int]:
+        """The conversation without its oldest turns until it leaves room for the reply, and how many went."""
         context = self.engine.context_length
         reply_room = min(max_new_tokens or self.settings.generation.max_new_tokens, context // 2)
-        fitted, dropped = await self.engine.fit(conversation, context - reply_room)
-        return {"messages": [m.model_dump() for m in fitted], "dropped": dropped}
+        return await self.engine.fit(conversation, context - reply_room)
 
     def check_health(self) -> None:
         """Serve calls this every few seconds; raising makes it replace the replica."""
@@ -146,8 +155,6 @@ class Textbot:
         """Submit to the engine with defaults filled in. `strict`: a token limit the caller
         asked for must fit in the context (OpenAI's rule), rather than being shortened."""
         defaults = self.settings.generation
-        if defaults.system_prompt and is_conversation(prompt) and not any(m.role == "system" for m in prompt):
-            prompt = [ChatMessage(role="system", content=defaults.system_prompt), *prompt]
         sampling = ResolvedSampling(
             max_new_tokens=params.max_new_tokens or defaults.max_new_tokens,
             temperature=defaults.temperature if params.temperature is None else params.temperature,

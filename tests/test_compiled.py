@@ -6,10 +6,10 @@ import logging
 
 import torch
 
+from backend.config import DeployConfig
 from backend.engine import compiled, slots
 from backend.engine.loading import load
 from backend.settings import ModelSettings
-from tests.conftest import app_config, load_deploy_config
 
 
 class _Request:
@@ -33,7 +33,7 @@ def _greedy(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
 
 
 def test_default_model_decodes_compiled_alone_as_in_a_batch_and_close_to_eager():
-    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    settings = DeployConfig.read().textbot().default.model_settings()
     assert settings.compile  # deploy.yaml asks for it; `make test` built it before the tests
     loaded = load(settings)
     assert loaded.compiled

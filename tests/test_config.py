@@ -17,7 +17,7 @@ def test_deploy_yaml_is_a_valid_serve_config_with_valid_settings():
     textbot = app_config(config, "textbot")
     assert textbot["route_prefix"] == "/api"
     settings = TextbotSettings.model_validate(textbot["args"])
-    assert model.locate(settings.model).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.locate(settings.default.model_settings()).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_unknown_setting_is_refused_with_its_name():

@@ -5,6 +5,8 @@ import time
 
 import requests
 
+from backend.config import DeployConfig
+
 
 def test_default_model_streams_a_story_token_by_token(base_url):
     started = time.monotonic()
@@ -34,7 +36,6 @@ def test_default_model_replies_in_non_ascii_text(base_url):
 
 def test_default_model_answers_in_a_schema_and_calls_a_forced_tool(base_url):
     """Structured output and tools on the real model, through the openai SDK as programs call us."""
-    import json
 
     import jsonschema
     from openai import OpenAI
@@ -71,10 +72,8 @@ def test_converted_weights_are_cached_and_load_as_the_same_model(base_url, tmp_p
     import torch
 
     from backend.engine import loading as model
-    from backend.settings import ModelSettings
-    from tests.conftest import app_config, load_deploy_config
 
-    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    settings = DeployConfig.read().textbot().default.model_settings()
     # No compiled step: building one in this fresh cache would take minutes (test_compiled.py tests it).
     settings = settings.model_copy(update={"cache_dir": str(tmp_path), "compile": False})
     from_gguf = model.load(settings)  # first start: converts and saves
@@ -119,9 +118,9 @@ def test_converted_copy_loads_without_transformers_modelling_code(base_url):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, app_config, load_deploy_config
+    from tests.conftest import ROOT
 
-    settings = json.dumps(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    settings = DeployConfig.read().textbot().default.model_settings().model_dump_json()
     script = f"""
 import sys
 from backend.engine.loading import load
@@ -147,10 +146,9 @@ def test_float_weights_reply_the_same_with_the_prefix_cache_on_and_off():
 
     from backend.engine import Engine, load
     from backend.protocol import ChatMessage, ResolvedSampling
-    from backend.settings import EngineSettings, ModelSettings
-    from tests.conftest import app_config, load_deploy_config
+    from backend.settings import EngineSettings
 
-    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    settings = DeployConfig.read().textbot().default.model_settings()
     loaded = load(settings.model_copy(update={"quantization": "none"}))
     cached, uncached = Engine(loaded), Engine(loaded, EngineSettings(prefix_cache=False))
     greedy = ResolvedSampling(max_new_tokens=24, temperature=0.0, top_p=1.0)

@@ -127,12 +127,13 @@ def test_drift_detection_names_app_and_key():
     assert application_drift(deploy_apps, copy.deepcopy(deploy_apps)) == []
 
     changed = copy.deepcopy(deploy_apps)
-    changed[0]["args"]["engine"]["max_running"] = 99
+    changed[0]["args"]["models"][0]["deployment"]["ray_actor_options"]["num_cpus"] = 99
     changed[0]["deployments"][-1]["num_replicas"] = 7
     changed[0]["runtime_env"] = {"pip": ["anything"]}  # allowed: not compared
     drift = application_drift(deploy_apps, changed)
     name, model_deployment = deploy_apps[0]["name"], deploy_apps[0]["deployments"][-1]["name"]
-    assert any(name in d and "args.engine.max_running" in d and "99" in d for d in drift), drift
+    model = deploy_apps[0]["args"]["models"][0]["name"]
+    assert any(name in d and f"args.models[{model}].deployment.ray_actor_options.num_cpus" in d and "99" in d for d in drift), drift
     assert any(f"deployments[{model_deployment}].num_replicas" in d for d in drift), drift
     assert len(drift) == 2, drift
 

@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers.processes import wait_for
+from tests.helpers.serving import model_deployment
 
 HELLO = [{"role": "user", "content": "Hello"}]
 SAMPLED = {"temperature": 1.0, "max_tokens": 8}  # sampling from NaN logits raises
@@ -185,5 +186,5 @@ def test_serve_replaces_a_replica_whose_decode_loop_is_wedged(http, base_url, se
 def replicas(app: str) -> list[dict]:
     """The application's model replicas (Serve's named actors): name and namespace."""
     return [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{app}#Textbot#")]
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#{model_deployment(app)}#")]
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from backend.config import DeployConfig
 from backend.engine import compiled, slots
 from backend.engine.gguf_blocks import q8_0_embedding
 from backend.engine.loading import load
 from backend.engine.location import converted_cache, locate
 from backend.engine.quant import GROUP, Int4Linear, Q8Embedding, fuse
 from backend.settings import ModelSettings
-from tests.conftest import app_config, load_deploy_config
 
 
 def _q8_0_blocks(rows: int, width: int, seed: int = 0) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_q8_0_embedding_gives_the_float_rows_bitwise(dtype):
 
 
 def _default_settings(**changes) -> ModelSettings:
-    settings = ModelSettings.model_validate(app_config(load_deploy_config(), "textbot")["args"]["model"])
+    settings = DeployConfig.read().textbot().default.model_settings()
     return settings.model_copy(update=changes)
 
 

@@ -6,16 +6,17 @@ import time
 
 import httpx
 import pytest
-from ray import serve
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from tests.helpers.serving import model_handle
 
 LONG = 4000  # tokens: tens of seconds of decoding if nothing stops it
 HELLO = [{"role": "user", "content": "Tell me everything."}]
 
 
 def in_flight(app: str) -> int:
-    stats = serve.get_deployment_handle("Textbot", app_name=app).stats.remote().result(timeout_s=30)
+    stats = model_handle(app).stats.remote().result(timeout_s=30)
     return stats["running"] + stats["waiting"]
 
 

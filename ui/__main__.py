@@ -11,8 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-import yaml
-
+from backend.config import DeployConfig
 from ui.chat import make_chat_fn
 from ui.hardening import HOSTING, CodeEditingSwitchedOn, app_kwargs, refuse_code_editing
 from ui.page import LOOK, build_page, login
@@ -26,9 +25,7 @@ def page_settings(config: Path) -> ChatPageSettings:
     """The chat application's args in deploy.yaml, so both modes start from the same defaults."""
     if not config.is_file():
         return ChatPageSettings()
-    apps = yaml.safe_load(config.read_text()).get("applications", [])
-    args = next((app.get("args", {}) for app in apps if app.get("import_path", "").startswith("ui.")), {})
-    return ChatPageSettings.model_validate(args)
+    return ChatPageSettings.model_validate(DeployConfig.read(config).page_args())
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,13 +28,12 @@ request_log = logging.getLogger("ray.serve")
 @serve.ingress()
 class ChatPage:
     def __init__(self, settings: ChatPageSettings):
-        textbot = serve.get_deployment_handle("Textbot", app_name=settings.textbot_app)
         # Exported with Ray's metrics as ray_textbot_feedback_total{value="like"|"dislike"},
         # tagged with the page's application, so each page's likes can be told apart.
         self.feedback = metrics.Counter("textbot_feedback", description="Likes and dislikes given to replies "
                                         "in the chat page, by value.", tag_keys=("value",))
         app = serve.get_replica_context().app_name
-        self.page = build_page(make_chat_fn(handle_source(textbot, settings.max_prompt_chars)), settings,
+        self.page = build_page(make_chat_fn(handle_source(settings.textbot_app)), settings,
                                self.record_feedback, storage_key=f"textbot_conversations_{app}")
 
     def record_feedback(self, value: str, request_id: str | None) -> None:

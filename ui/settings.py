@@ -10,15 +10,13 @@ from backend.settings import GenerationDefaults
 class ChatPageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    textbot_app: str = Field("textbot", description="Serve application that runs the Textbot deployment.")
+    textbot_app: str = Field("textbot", description="Serve application that serves the models (backend.app).")
     title: str = "Textbot"
     description: str = "A small language model, streamed token by token from Ray Serve."
     generation: GenerationDefaults = GenerationDefaults()
     concurrency_limit: int = Field(
         16, ge=1, description="Replies streaming at once across all users; more wait in Gradio's queue."
     )
-    max_prompt_chars: int = Field(
-        32000, ge=1, description="Longest message the page sends on; keep it at the Textbot app's own limit.")
     history_secret_file: Path | None = Field(
         None, description="File holding the secret that encrypts conversations kept in the browser; made on "
         "first use. Default ~/.config/textbot/chat-history-secret; TEXTBOT_UI_SECRET overrides it.")

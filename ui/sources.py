@@ -29,38 +29,32 @@ def dropped_notice(dropped: int) -> str:
             f"message{'s' if dropped > 1 else ''} no longer reach the model.")
 
 
-def handle_source(handle, max_prompt_chars: int):
-    """Stream from Textbot's `stream_reply` through a DeploymentHandle (inside Serve): its
-    pieces carry the token counts the figures under a reply need. `stream_reply` trusts its
-    caller to have checked message sizes (the HTTP ingress does), so the page checks them
-    here with the backend's own rule and sentence."""
-    from backend.protocol import ChatMessage, SamplingParams, check_text
+def handle_source(app_name: str):
+    """Stream from a Textbot application's models through their DeploymentHandles (inside Serve),
+    the way its HTTP ingress does (backend/routing.py): the replica checks the text, fits the
+    conversation to the context and says how many turns it left out. The pieces carry the token
+    counts the figures under a reply need."""
+    from backend.protocol import ChatMessage, SamplingParams
+    from backend.routing import RemoteReply, ServedModels
 
-    streaming = handle.options(stream=True)
+    served = ServedModels(app_name)
 
     async def stream(messages: list[dict], sampling: dict, notify: Notify,
-                     session: str | None = None) -> AsyncIterator[str | Usage]:
-        for message in messages:
-            check_text(message["content"], "content", max_prompt_chars)
-        fitted = await handle.fit_conversation.remote(messages, sampling.get("max_new_tokens"))
-        if fitted["dropped"]:
-            notify(dropped_notice(fitted["dropped"]))
+                     session: str | None = None, model: str | None = None) -> AsyncIterator[str | Usage]:
+        handle = (await served.get()).handle(model)
         # The session id routes the turn to the replica holding the conversation's prefix cache.
-        routed = streaming.options(session_id=session) if session else streaming
-        response = routed.stream_reply.remote([ChatMessage(**m) for m in fitted["messages"]],
-                                              SamplingParams(**sampling), route="page")
+        reply = RemoteReply(handle, "page", [ChatMessage(**m) for m in messages], SamplingParams(**sampling),
+                            session=session, truncate=True, param="content")
         last = None
-        try:
-            async for piece in response:
-                last = piece
-                if piece.text:
-                    yield piece.text
-        finally:
-            # Stop pressed or tab closed: Gradio cancels us; pass it on to the replica.
-            response.cancel()
+        async for piece in reply:  # Stop or a closed tab: Gradio cancels us, and the reply frees its place
+            if last is None and piece.dropped:
+                notify(dropped_notice(piece.dropped))
+            last = piece
+            if piece.text:
+                yield piece.text
         if last is not None:
             # Serve's request id: the one on the Textbot replica's log line for this reply.
-            yield Usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens, response.request_id)
+            yield Usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens, reply.request_id)
 
     return stream
 

@@ -218,33 +218,29 @@ def _cpu_flags() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m backend.engine.compiled deploy.yaml`: build the compiled decode step of the
-    config's model if it asks for one (model.compile) and has none yet; quick when it has."""
+    """`python -m backend.engine.compiled deploy.yaml`: build the compiled decode step of each of
+    the config's models that asks for one (compile: true) and has none yet; quick when all have."""
     import argparse
 
-    import yaml
-
-    from backend.settings import TextbotSettings
+    from backend.config import DeployConfig
 
     parser = argparse.ArgumentParser(prog="python -m backend.engine.compiled", description=main.__doc__)
     parser.add_argument("config", type=Path, help="a Serve config such as deploy.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = yaml.safe_load(args.config.read_text())
-    for app in config.get("applications", []):
-        if app.get("import_path") != "backend.app:build_app":
-            continue
-        settings = TextbotSettings.model_validate(app.get("args") or {}).model
-        if not settings.compile:
-            continue
-        from backend.engine.location import converted_cache, locate
+    for _, textbot in DeployConfig.read(args.config).textbot_apps():
+        for served in textbot.models:
+            settings = served.model_settings()
+            if not settings.compile:
+                continue
+            from backend.engine.location import converted_cache, locate
 
-        folder = converted_cache(settings, locate(settings))
-        if folder and package_path(folder).is_file():
-            continue
-        from backend.engine.loading import load
+            folder = converted_cache(settings, locate(settings))
+            if folder and package_path(folder).is_file():
+                continue
+            from backend.engine.loading import load
 
-        load(settings)  # builds it; a failure is logged, and the engine will run eagerly
+            load(settings)  # builds it; a failure is logged, and the engine will run eagerly
     return 0
 
 
