@@ -59,6 +59,18 @@ def tiny_app(name: str, source: Path, generation: dict | None = None, env: dict 
     return app | ({"runtime_env": {"env_vars": env}} if env else {})
 
 
+# Serve's autoscaling to zero: no replica until a request comes, none again 5 idle seconds after.
+SLEEPING = {"autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
+                                   "upscale_delay_s": 0, "downscale_delay_s": 5}}
+
+
+def models_app(name: str, models: list[dict], generation: dict | None = None) -> dict:
+    """One application serving several models (tiny_model entries), the first the default."""
+    app = tiny_app(name, Path(name), generation)
+    app["args"]["models"] = models
+    return app
+
+
 def wedging_app(source: Path) -> dict:
     """Textbot whose decode loop can be wedged from outside: it reads a whole prompt in one
     step, which takes seconds on this model, against a stall limit of half a second.
@@ -126,6 +138,10 @@ def serve_config(tiny_models) -> dict:
         # A model source that cannot load: shows the failure a person would see.
         tiny_app("broken", Path("/nonexistent/model")),
         gemma_app(),  # the real second model: another family, Q4_K_M, no chat template
+        # Two models behind one API and page (the default first), and one that sleeps until asked.
+        models_app("tiny-duo", [tiny_model(chat, "tiny-chat"), tiny_model(gpt2, "tiny-gpt2")]),
+        page_app("duo-page", "tiny-duo", greedy_16),
+        models_app("tiny-sleepy", [tiny_model(chat, "tiny-awake"), tiny_model(chat, "tiny-asleep", SLEEPING)]),
     ]
     return config
 
