@@ -74,10 +74,10 @@ def test_two_nodes_share_the_traffic_and_one_carries_on_alone(two_node_cluster, 
     http_port = free_port()
     # deploy.yaml's textbot application, on a tiny model, two model replicas (one CPU each).
     app = app_config(load_deploy_config(), "textbot")
-    app["args"]["model"] = {"source": str(tiny_models["tiny-chat"]), "name": "tiny-chat"}
-    textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
-    textbot.pop("autoscaling_config")
-    textbot["num_replicas"] = 2
+    [default, *_] = app["args"]["models"]
+    deployment = {key: value for key, value in default["deployment"].items() if key != "autoscaling_config"}
+    app["args"]["models"] = [{"source": str(tiny_models["tiny-chat"]), "name": "tiny-chat",
+                              "engine": default["engine"], "deployment": deployment | {"num_replicas": 2}}]
     config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": http_port},
               "applications": [app]}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))

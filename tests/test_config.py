@@ -1,5 +1,6 @@
 """deploy.yaml, the settings it fills and the model-source errors a person sees."""
 
+import re
 import time
 
 import pytest
@@ -7,7 +8,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from backend.engine import loading as model
-from backend.settings import ModelSettings, TextbotSettings
+from backend.settings import ModelSettings, TextbotSettings, deployment_name
 from tests.conftest import ROOT, app_config, load_deploy_config
 
 
@@ -23,6 +24,32 @@ def test_deploy_yaml_is_a_valid_serve_config_with_valid_settings():
 def test_unknown_setting_is_refused_with_its_name():
     with pytest.raises(ValidationError, match="max_new_tokenz"):
         TextbotSettings.model_validate({"generation": {"max_new_tokenz": 3}})
+
+
+@pytest.mark.parametrize(("args", "sentence"), [
+    ({"models": [{"source": "a/one.gguf"}, {"source": "b/one.gguf"}]}, "two models are named 'one'"),
+    ({"models": [{"source": "a/x.gguf", "name": "m"}, {"source": "a/y.gguf", "name": "m"}]}, "two models are named 'm'"),
+    ({"models": [{"source": "a/x.gguf", "qantization": "int4"}]}, "models.0.qantization"),
+    ({"models": [{"source": "a/x.gguf", "deployment": {"autoscalling_config": {}}}]}, "autoscalling_config"),
+    ({"models": [{"source": "a/x.gguf", "deployment": {"num_replicas": 1, "autoscaling_config": {}}}]},
+     "num_replicas or autoscaling_config, not both"),
+    ({"models": []}, "at least 1 item"),
+    ({"model": {"source": "a/x.gguf"}, "models": [{"source": "a/y.gguf"}]}, "either model (one model) or models"),
+    ({"engine": {"max_running": 2}}, "engine: goes inside each entry of models"),
+])
+def test_a_bad_list_of_models_is_refused_with_a_sentence(args, sentence):
+    with pytest.raises(ValidationError, match=re.escape(sentence)):
+        TextbotSettings.model_validate(args)
+
+
+def test_one_model_may_be_given_as_before_and_names_its_deployment():
+    settings = TextbotSettings.model_validate({"model": {"source": "a/x.gguf"}, "engine": {"max_running": 2}})
+    [served] = settings.models
+    assert served.served_name == "x" and served.engine.max_running == 2
+    assert deployment_name(served.served_name) == "Textbot:x"
+    replica = settings.replica(served)
+    assert replica.model.source == "a/x.gguf" and replica.engine.max_running == 2
+    assert replica.generation == settings.generation  # the application's, the model setting none
 
 
 @pytest.mark.parametrize(
