@@ -31,13 +31,15 @@ ENGINE_CPUS :=
 METRICS_PORT := 8080
 RAY_PORT := 6379
 RAY_FLAGS :=
+# The models loaded at start are prepared (converted, their decode step compiled) before serving;
+# those that sleep until asked, in the background once it serves (backend/launch.py).
 run: $(VENV)/.installed $(CXX_BIN)
-	$(PY) -m backend.engine.compiled deploy.yaml
+	$(PY) -m backend.engine.compiled --which awake deploy.yaml
 	$(PY) -m backend.launch $(if $(HTTP_PORT),--http-port=$(HTTP_PORT)) --metrics-port=$(METRICS_PORT) \
 		--ray-port=$(RAY_PORT) $(if $(ENGINE_CPUS),--engine-cpus=$(ENGINE_CPUS)) $(RAY_FLAGS) deploy.yaml
 
 test: $(VENV)/.test-installed $(CHROMIUM) $(CXX_BIN)
-	$(PY) -m backend.engine.compiled deploy.yaml
+	$(PY) -m backend.engine.compiled --which awake deploy.yaml
 	$(PY) -m pytest
 
 # Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one. Measures

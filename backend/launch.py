@@ -108,6 +108,7 @@ def main() -> int:
                             start_new_session=True, env=os.environ | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     address_file = address_before = None
     serving = False
+    preparing = None
     try:
         # Read before the head writes it, seconds from now (`ray start` writes it once its node is up).
         address_file = ray_address_file(ray_flags)
@@ -133,6 +134,7 @@ def main() -> int:
                                        controller_options=schema.controller_options)
         serving = True
         deploy_first_application_first(client, schema, head, engine_cpus)
+        preparing = prepare_sleeping_models(args.config)
         return head.wait() or 1  # the node ended under us
     except KeyboardInterrupt:
         return 130
@@ -149,6 +151,9 @@ def main() -> int:
         if "ray" in sys.modules:
             with contextlib.suppress(Exception):
                 sys.modules["ray"].shutdown()
+        if preparing and preparing.poll() is None:
+            preparing.kill()  # its half-written files are staged under names of their own
+            preparing.wait()
         stop_node(head)
         stop_warm_engine(warm_engine, warm_socket.parent)
         if address_file:
@@ -230,6 +235,17 @@ def settle_ray_auth() -> None:
         return
     with os.fdopen(fd, "w") as file:
         file.write(secrets.token_hex(32))
+
+
+def prepare_sleeping_models(config: str) -> subprocess.Popen:
+    """The converted copy and compiled step of each model that sleeps until asked, built in the
+    background at the lowest priority once the app serves: so the first `make run` serves as
+    soon as the models loaded at start are ready (`make run` prepares those before serving),
+    and a sleeping model's first request later waits for a replica's start only. One that
+    comes sooner prepares the model itself (the files are staged, so two builders do not
+    clash). Quick once all are prepared."""
+    return subprocess.Popen([sys.executable, "-m", "backend.engine.compiled", "--which", "asleep", config],
+                            start_new_session=True, preexec_fn=lambda: os.nice(19))
 
 
 def deploy_first_application_first(client, schema, head: subprocess.Popen, engine_cpus: set[int]) -> None:

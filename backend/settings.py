@@ -181,6 +181,14 @@ class ServedModel(ModelSettings):
         None, description="This model's defaults for what a request leaves out; the application's otherwise.")
     deployment: DeploymentOptions = DeploymentOptions()
 
+    @property
+    def sleeps(self) -> bool:
+        """No replica until a request asks for the model (Serve's autoscaling from zero)."""
+        scaling = self.deployment.autoscaling_config
+        if scaling is not None:
+            return scaling.get("min_replicas", 1) == 0 and scaling.get("initial_replicas", 0) in (0, None)
+        return self.deployment.num_replicas == 0
+
     def model_settings(self) -> ModelSettings:
         """What the engine loads: this entry without the serving options."""
         return ModelSettings.model_validate(self.model_dump(include=set(ModelSettings.model_fields)))

@@ -226,12 +226,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m backend.engine.compiled", description=main.__doc__)
     parser.add_argument("config", type=Path, help="a Serve config such as deploy.yaml")
+    parser.add_argument("--which", choices=("all", "awake", "asleep"), default="all",
+                        help="all models (default), those with a replica from the start, or those that sleep "
+                             "until asked (make run prepares these in the background once it serves)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for _, textbot in DeployConfig.read(args.config).textbot_apps():
         for served in textbot.models:
             settings = served.model_settings()
-            if not settings.compile:
+            if not settings.compile or (args.which != "all" and served.sleeps != (args.which == "asleep")):
                 continue
             from backend.engine.location import converted_cache, locate
 
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             from backend.engine.loading import load
 
+            logging.info("Preparing %s: its converted copy and compiled decode step.", served.served_name)
             load(settings)  # builds it; a failure is logged, and the engine will run eagerly
     return 0
 
