@@ -38,8 +38,9 @@ run: $(VENV)/.installed $(CXX_BIN)
 	$(PY) -m backend.launch $(if $(HTTP_PORT),--http-port=$(HTTP_PORT)) --metrics-port=$(METRICS_PORT) \
 		--ray-port=$(RAY_PORT) $(if $(ENGINE_CPUS),--engine-cpus=$(ENGINE_CPUS)) $(RAY_FLAGS) deploy.yaml
 
+# Every model: the tests wake deploy.yaml's sleeping one too.
 test: $(VENV)/.test-installed $(CHROMIUM) $(CXX_BIN)
-	$(PY) -m backend.engine.compiled --which awake deploy.yaml
+	$(PY) -m backend.engine.compiled deploy.yaml
 	$(PY) -m pytest
 
 # Writes docs/BENCHMARKS.md; uses the stack `make run` serves, or starts one. Measures

@@ -151,3 +151,24 @@ def test_a_sleeping_model_wakes_for_its_first_request_and_sleeps_again(base_url,
     listed = {card["id"]: card for card in http.get("/tiny-sleepy/v1/models").json()["data"]}
     assert listed["tiny-asleep"]["loaded"] is False
     assert listed["tiny-asleep"]["context_length"] > 0  # as it was last seen
+
+
+def test_the_shipped_config_serves_both_models_and_gemma_sleeps_until_asked(base_url, http):
+    """deploy.yaml as `make run` serves it: SmolLM2 loaded from the start, Gemma 3 270M asleep
+    until a request names it, then an ordinary reply through the openai SDK (a base model: the
+    completions route; the chat route gives it a plain template)."""
+    listed = {card["id"]: card for card in http.get("/api/v1/models").json()["data"]}
+    assert list(listed) == ["SmolLM2-135M-Instruct", "gemma-3-270m"]
+    assert listed["SmolLM2-135M-Instruct"]["loaded"] is True
+    assert running_replicas("textbot", "gemma-3-270m") == 0 and listed["gemma-3-270m"]["loaded"] is False
+
+    client = sdk(base_url, "api")
+    completion = client.completions.create(model="gemma-3-270m", prompt="The capital of France is Paris. The capital of Germany is",
+                                           max_tokens=8, temperature=0)
+    assert completion.model == "gemma-3-270m" and completion.usage.completion_tokens > 0
+    assert "Berlin" in completion.choices[0].text
+    chat = client.chat.completions.create(model="gemma-3-270m", messages=HELLO, **GREEDY)
+    assert chat.model == "gemma-3-270m" and chat.choices[0].message.content
+    listed = {card["id"]: card for card in http.get("/api/v1/models").json()["data"]}
+    assert listed["gemma-3-270m"]["loaded"] is True and listed["gemma-3-270m"]["engine"] == "textbot"
+    assert listed["gemma-3-270m"]["context_length"] == 10752  # what its KV budget holds of its 32768
