@@ -31,6 +31,7 @@ class Backend(Protocol):
         """Each served model by name, the default first, and whether a replica of it is running
         (a sleeping model has none until its first request starts one)."""
 
+
 # At most one update to the browser per chat in this many seconds. Each update makes Gradio
 # postprocess and diff the whole conversation and send an SSE message: one per token costs
 # the page replica's CPU what the other routes spend on nothing (docs/BENCHMARKS.md, the chat
@@ -172,7 +173,7 @@ async def answering_model(backend: Backend, asked: str | None) -> str:
     except Exception as error:  # the backend unreachable: no model can answer either
         raise gr.Error(f"The model could not answer: {reason(error)}") from error
     name = asked or next(iter(served))
-    if name not in served:
+    if not isinstance(name, str) or name not in served:  # a typed value, or an API caller's
         raise gr.Error(unserved_model(name, served))
     if not served[name]:
         gr.Info(loading_notice(name))
