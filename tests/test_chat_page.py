@@ -1,7 +1,9 @@
 """The chat page as Serve serves it, through gradio_client; and the chat
 function's handling of Gradio's history."""
 
+import glob
 import re
+import time
 
 import pytest
 
@@ -67,13 +69,28 @@ def duo_api_reply(http, message: str, model: str | None = None) -> str:
     return http.post("/tiny-duo/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
 
-def test_reply_from_the_picked_model_is_that_models_api_reply(base_url, http):
+def replica_log_lines(serve_logs: str, pattern: str, request_id: str) -> list[str]:
+    """The reply log lines of one request in the replicas' Serve logs (written a moment after the reply)."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [line for path in glob.glob(f"{serve_logs}/{pattern}") for line in open(path, errors="replace")
+                 if request_id in line and '"event": "reply"' in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(1)
+
+
+def test_reply_from_the_picked_model_is_that_models_api_reply(base_url, http, serve_logs):
     outputs = finished(page_client(f"{base_url}/duo-page/"), "Hello there", GREEDY_INPUTS + ("tiny-gpt2",))
     assert reply_of(outputs[-1]) == duo_api_reply(http, "Hello there", "tiny-gpt2")
     assert reply_of(outputs[-1]) != duo_api_reply(http, "Hello there", "tiny-chat")  # the pick mattered
     figures = figures_of(outputs[-1])
     assert model_named(figures["title"]) == "tiny-gpt2", figures
-    assert FIGURES_ID.match(figures["id"])["model"] == "tiny-gpt2", figures  # kept with the conversation
+    note = FIGURES_ID.match(figures["id"])
+    assert note["model"] == "tiny-gpt2", figures  # kept with the conversation
+    # Written by tiny-gpt2's own deployment (Textbot:tiny-gpt2), reached as the page reaches it.
+    [line] = replica_log_lines(serve_logs, "replica_tiny-duo_Textbot_tiny-gpt2_*.log", note["request_id"])
+    assert '"model": "tiny-gpt2"' in line and '"route": "page"' in line
 
 
 def test_a_caller_that_names_no_model_gets_the_default(base_url, http):
