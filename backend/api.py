@@ -107,6 +107,12 @@ class TextbotAPI:
         """The served models' names, the default first: for callers through a handle (the chat page)."""
         return self.served.names
 
+    async def loaded_models(self) -> list[str]:
+        """The served models with a running replica, for handle callers (the chat page says when a
+        model is loading). Counted from Serve's controller: asking never wakes a sleeping model."""
+        running = await asyncio.to_thread(self._running_replicas)
+        return [name for name in self.served.names if running.get(name)]
+
     @api.post("/", response_class=StreamingResponse, summary="Stream a reply to one prompt")
     async def generate(
         self,

@@ -142,6 +142,9 @@ def serve_config(tiny_models) -> dict:
         models_app("tiny-duo", [tiny_model(chat, "tiny-chat"), tiny_model(gpt2, "tiny-gpt2")]),
         page_app("duo-page", "tiny-duo", greedy_16),
         models_app("tiny-sleepy", [tiny_model(chat, "tiny-awake"), tiny_model(chat, "tiny-asleep", SLEEPING)]),
+        # The chat page in front of a model that sleeps until asked (the page says it is loading).
+        models_app("page-sleepy", [tiny_model(chat, "tiny-dozing", SLEEPING)]),
+        page_app("sleepy-page", "page-sleepy", greedy_16),
     ]
     return config
 

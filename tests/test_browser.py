@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.page import FIGURES
+from tests.helpers.page import FIGURES, model_named
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -67,8 +67,8 @@ def bot_text(page: Page, index: int = -1) -> str:
     return bots.nth(index).inner_text() if bots.count() else ""
 
 
-def backend_reply(http, app: str, messages: list[dict], max_tokens: int) -> str:
-    body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens}
+def backend_reply(http, app: str, messages: list[dict], max_tokens: int, model: str | None = None) -> str:
+    body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens} | ({"model": model} if model else {})
     return http.post(f"/{app}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
 
@@ -255,3 +255,62 @@ def test_a_like_is_counted_and_logged_with_the_replys_request_id(page, base_url,
     # The model replica's line for that reply carries the same request id.
     assert any(record["reply_request_id"] in l and '"route": "page"' in l
                for l in lines("replica_tiny-chat_Textbot_*.log"))
+
+
+def picker(page: Page):
+    return page.get_by_role("combobox", name="Model")
+
+
+def offered_models(page: Page) -> list[str]:
+    """The picker's choices, in order (it opens on a click; a second click does not reopen it)."""
+    picker(page).click()
+    return [option.get_attribute("aria-label") for option in page.get_by_role("option").all()]
+
+
+def pick(page: Page, model: str) -> None:
+    """Pick from the open picker."""
+    page.get_by_role("option", name=model, exact=True).click()
+    expect(picker(page)).to_have_value(model)
+
+
+def test_a_picked_model_answers_and_stays_picked_for_its_conversation(page, base_url, http):
+    url, message = f"{base_url}/duo-page/", f"Harbour {time.time_ns() % 10**6}"  # short: the history list cuts long titles
+    page.goto(url)
+    # The served models, asked of the backend as the page loads: the default first, and picked.
+    expect(picker(page)).to_have_value("tiny-chat", timeout=60_000)
+    assert offered_models(page) == ["tiny-chat", "tiny-gpt2"]
+    pick(page, "tiny-gpt2")
+    send(page, message)
+    wait_for_reply_to_finish(page, turn=1)
+    figures(page).first.wait_for(timeout=30_000)
+    assert normalised(bot_text(page)) == normalised(
+        backend_reply(http, "tiny-duo", [{"role": "user", "content": message}], 16, model="tiny-gpt2"))
+    assert model_named(normalised(figures(page).first.inner_text())) == "tiny-gpt2"
+    saved = page.locator("tr.tr-body", has_text=message)
+    saved.wait_for(timeout=60_000)  # saved to the browser's storage: see the reload test above
+
+    page.goto(url)
+    expect(picker(page)).to_have_value("tiny-chat", timeout=60_000)  # a new conversation: the default
+    saved.first.click()
+    page.get_by_test_id("user").filter(has_text=message).wait_for(timeout=30_000)
+    expect(picker(page)).to_have_value("tiny-gpt2", timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "chat-page-model-picker.png")
+    # The restored pick writes the conversation's next reply.
+    send(page, "And then?")
+    wait_for_reply_to_finish(page, turn=2)
+    figures(page).nth(1).wait_for(timeout=30_000)
+    assert model_named(normalised(figures(page).nth(1).inner_text())) == "tiny-gpt2"
+
+
+def test_the_page_says_a_sleeping_model_is_loading(page, base_url, http):
+    # Asleep: Serve runs no replica of it until a request comes (SLEEPING in conftest).
+    assert [(m["id"], m["loaded"]) for m in http.get("/page-sleepy/v1/models").json()["data"]] == \
+        [("tiny-dozing", False)]
+    page.goto(f"{base_url}/sleepy-page/")
+    expect(picker(page)).to_have_value("tiny-dozing", timeout=60_000)
+    send(page, "Hello there")
+    page.get_by_text("tiny-dozing is loading: its first reply waits for it to start.").wait_for(timeout=60_000)
+    wait_for_reply_to_finish(page, turn=1)
+    assert normalised(bot_text(page)) == normalised(
+        backend_reply(http, "page-sleepy", [{"role": "user", "content": "Hello there"}], 16))

@@ -1,4 +1,5 @@
-"""The shareable demo: `python -m ui --backend ... --share`, standalone, streaming over HTTP."""
+"""The shareable demo: `python -m ui --backend ... --share`, standalone, streaming over HTTP
+from an application of two models (tiny-duo: tiny-chat, the default, and tiny-gpt2)."""
 
 import subprocess
 import sys
@@ -10,14 +11,15 @@ import os
 
 from tests.conftest import ROOT
 from tests.helpers.ports import free_port
-from tests.helpers.page import FIGURES, assert_refused, figures_of, finished, page_client, partials
+from tests.helpers.page import (FIGURES_ID, assert_refused, figures_of, finished, model_named, page_client,
+                                partials, reply_of)
 
 
 @pytest.fixture(scope="module")
 def standalone(base_url):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ui", "--backend", f"{base_url}/tiny-chat", "--port", str(port), "--share"],
+        [sys.executable, "-m", "ui", "--backend", f"{base_url}/tiny-duo", "--port", str(port), "--share"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, deadline = [], time.monotonic() + 120
     while time.monotonic() < deadline and not any("share link" in line.lower() for line in lines):
@@ -37,22 +39,41 @@ def test_offline_share_keeps_serving_locally_and_says_so_in_one_line(standalone)
     assert len(share_lines) == 1 and share_lines[0].startswith("No share link"), lines
 
 
+def api_reply(http, model: str | None = None) -> str:
+    body = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}],
+            "max_tokens": 16, "temperature": 0} | ({"model": model} if model else {})
+    return http.post("/tiny-duo/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
 def test_standalone_page_streams_from_the_http_api(standalone, http):
     url, _ = standalone
     outputs = partials(page_client(url), "Hello there", ("Be kind.", 0.0, 1.0, 16))
     assert len(outputs) > 2
     assert all(later.startswith(earlier) for earlier, later in zip(outputs, outputs[1:]))
-    direct = http.post("/tiny-chat/v1/chat/completions", json={
-        "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}],
-        "max_tokens": 16, "temperature": 0}).json()
-    assert outputs[-1] == direct["choices"][0]["message"]["content"]
+    assert outputs[-1] == api_reply(http)  # no model picked: the default
+
+
+def test_standalone_page_sends_the_picked_model(standalone, http):
+    url, _ = standalone
+    outputs = finished(page_client(url), "Hello there", ("Be kind.", 0.0, 1.0, 16, "tiny-gpt2"))
+    assert reply_of(outputs[-1]) == api_reply(http, "tiny-gpt2") != api_reply(http, "tiny-chat")
+    figures = figures_of(outputs[-1])
+    assert model_named(figures["title"]) == "tiny-gpt2", figures
+
+
+def test_standalone_page_refuses_a_model_the_backend_does_not_serve(standalone):
+    url, _ = standalone
+    job = page_client(url).submit("Hello there", "", 0.0, 1.0, 16, "gpt-5", api_name="/chat")
+    with pytest.raises(Exception, match=r"The model 'gpt-5' is not served here; pick one of tiny-chat, tiny-gpt2\."):
+        job.result(timeout=180)
 
 
 def test_standalone_reply_has_figures_from_the_apis_usage(standalone):
     url, _ = standalone
     figures = figures_of(finished(page_client(url), "Hello there", ("", 0.0, 1.0, 16))[-1])
-    assert FIGURES.match(figures["title"]), figures
-    assert figures["id"].split(":", 1)[1], "no X-Request-ID from the backend"
+    assert model_named(figures["title"]) == "tiny-chat", figures
+    note = FIGURES_ID.match(figures["id"])
+    assert note and note["request_id"], f"no X-Request-ID from the backend: {figures}"
 
 
 def test_standalone_page_is_hardened(standalone):

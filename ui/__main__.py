@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 
 from backend.config import DeployConfig
-from ui.chat import make_chat_fn
 from ui.hardening import HOSTING, CodeEditingSwitchedOn, app_kwargs, refuse_code_editing
 from ui.page import LOOK, build_page, login
 from ui.settings import ChatPageSettings
-from ui.sources import http_source
+from ui.sources import HttpBackend
 
 DEPLOY_YAML = Path(__file__).resolve().parent.parent / "deploy.yaml"
 
@@ -55,8 +54,8 @@ def main(argv=None) -> None:
     try:
         refuse_code_editing()
         settings = page_settings(args.config)
-        source = http_source(args.backend, api_key=os.environ.get("TEXTBOT_API_KEY"))
-        page = build_page(make_chat_fn(source), settings, record_feedback, storage_key="textbot_conversations")
+        backend = HttpBackend(args.backend, api_key=os.environ.get("TEXTBOT_API_KEY"))
+        page = build_page(backend, settings, record_feedback, storage_key="textbot_conversations")
     except (CodeEditingSwitchedOn, ValueError) as error:
         raise SystemExit(str(error)) from None
     handler = logging.StreamHandler()

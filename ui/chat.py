@@ -1,7 +1,8 @@
-"""The chat function behind the page. It needs only a stream source: something
-that turns chat messages and sampling parameters into an async stream of text
-pieces ending with the reply's Usage. Whether that is a DeploymentHandle or an
-HTTP client is the host's choice.
+"""The chat function behind the page. It needs only a Backend: the served models
+(which one is the default, which are loaded), and a stream source that turns chat
+messages, sampling parameters and a model's name into an async stream of text pieces
+ending with the reply's Usage. Whether that is a DeploymentHandle or an HTTP client is
+the host's choice.
 """
 
 from __future__ import annotations
@@ -10,12 +11,26 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import gradio as gr
 
-# (messages, sampling, notify, session) -> text pieces, then one Usage; `notify` shows the
-# user a side note, `session` names the conversation.
-StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None], AsyncIterator["str | Usage"]]
+# (messages, sampling, notify, session, model) -> text pieces, then one Usage; `notify` shows
+# the user a side note, `session` names the conversation, `model` the served model that answers
+# (None: the default).
+StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None, str | None],
+                        AsyncIterator["str | Usage"]]
+
+
+class Backend(Protocol):
+    """Where the page's replies come from: Textbot's models, through Serve handles or over HTTP."""
+
+    stream: StreamSource
+
+    async def models(self) -> dict[str, bool]:
+        """Each served model by name, the default first, and whether a replica of it is running
+        (a sleeping model has none until its first request starts one)."""
+
 
 # At most one update to the browser per chat in this many seconds. Each update makes Gradio
 # postprocess and diff the whole conversation and send an SSE message: one per token costs
@@ -24,6 +39,9 @@ StreamSource = Callable[[list[dict], dict, Callable[[str], None], str | None], A
 UPDATE_INTERVAL_S = 0.04
 
 # The marker of the line of figures under a reply: a Gradio "thought" note, not the model's words.
+# Its metadata id is `textbot-figures:<request id>:<model>`: Gradio keeps only its own metadata
+# keys, and the id travels with the conversation into the browser's storage, so the model that
+# wrote a reply is still known when the conversation is opened again (conversation_model).
 FIGURES_ID = "textbot-figures"
 
 
@@ -81,11 +99,11 @@ def browser_session() -> str | None:
     return getattr(request, "session_hash", None)
 
 
-def figures_line(usage: Usage, first_s: float | None, first_at: float | None, end_at: float) -> str:
-    """`42 tokens · 0.31 s to first token · 55.2 tokens/s · 12 of 30 prompt tokens cached`.
+def figures_line(model: str, usage: Usage, first_s: float | None, first_at: float | None, end_at: float) -> str:
+    """`tiny-gpt2 · 42 tokens · 0.31 s to first token · 55.2 tokens/s · 12 of 30 prompt tokens cached`.
     Tokens per second is the decode rate after the first token (what llama.cpp's and LM
     Studio's pages show), so a slow first token does not hide a fast reply."""
-    parts = [f"{usage.completion_tokens} token{'s' if usage.completion_tokens != 1 else ''}"]
+    parts = [model, f"{usage.completion_tokens} token{'s' if usage.completion_tokens != 1 else ''}"]
     if first_s is not None:
         parts.append(f"{first_s:.2f} s to first token")
     if first_at is not None and usage.completion_tokens > 1 and end_at > first_at:
@@ -139,17 +157,65 @@ async def paced(pieces: AsyncIterator, interval_s: float) -> AsyncIterator[list]
             pass
 
 
-def make_chat_fn(source: StreamSource, update_interval_s: float = UPDATE_INTERVAL_S):
-    async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens):
+def loading_notice(model: str) -> str:
+    return f"{model} is loading: its first reply waits for it to start."
+
+
+def unserved_model(asked: str, served) -> str:
+    return f"The model {asked!r} is not served here; pick one of {', '.join(served)}."
+
+
+async def answering_model(backend: Backend, asked: str | None) -> str:
+    """The served model a message goes to: the one picked, else the default. A model that is
+    asleep answers too, after it starts: the user is told why the first token is slow."""
+    try:
+        served = await backend.models()
+    except Exception as error:  # the backend unreachable: no model can answer either
+        raise gr.Error(f"The model could not answer: {reason(error)}") from error
+    name = asked or next(iter(served))
+    if not isinstance(name, str) or name not in served:  # a typed value, or an API caller's
+        raise gr.Error(unserved_model(name, served))
+    if not served[name]:
+        gr.Info(loading_notice(name))
+    return name
+
+
+def figures_id(request_id: str | None, model: str) -> str:
+    return f"{FIGURES_ID}:{request_id or ''}:{model}"
+
+
+def figures_fields(turn: dict) -> tuple[str | None, str | None] | None:
+    """(request id, model) of a figures note; None for any other message. Notes saved before
+    the page named models carry no model."""
+    marker = str((turn.get("metadata") or {}).get("id", ""))
+    if not marker.startswith(FIGURES_ID + ":"):
+        return None
+    request_id, _, model = marker.removeprefix(FIGURES_ID + ":").partition(":")
+    return request_id or None, model or None
+
+
+def conversation_model(conversation: list[dict]) -> str | None:
+    """The model that wrote the conversation's last finished reply, as its figures note says."""
+    for turn in reversed(conversation or []):
+        if (fields := figures_fields(turn)) and fields[1]:
+            return fields[1]
+    return None
+
+
+def make_chat_fn(backend: Backend, update_interval_s: float = UPDATE_INTERVAL_S):
+    # `model` last and optional: API callers that predate the model picker still get the default.
+    async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens, model=None):
         if not text_of(message).strip():
             raise gr.Error("Type a message first.")
+        name = await answering_model(backend, model)
         sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": int(max_new_tokens)}
         reply, usage = "", None
         started = time.monotonic()
         first_at = None
         try:
             messages = to_messages(message, history, system_prompt)
-            async for batch in paced(source(messages, sampling, gr.Warning, browser_session()), update_interval_s):
+            pieces = backend.stream(messages, sampling, gr.Warning, browser_session(), name)
+            async for batch in paced(pieces, update_interval_s):
                 text = "".join(item for item in batch if isinstance(item, str))
                 usage = next((item for item in batch if isinstance(item, Usage)), usage)
                 if text:
@@ -163,10 +229,10 @@ def make_chat_fn(source: StreamSource, update_interval_s: float = UPDATE_INTERVA
         if usage is not None:
             # The finished reply, then a note under it with its figures: Gradio's message
             # metadata, so it renders as a small closed box, not as the model's words.
-            line = figures_line(usage, first_at and first_at - started, first_at, time.monotonic())
+            line = figures_line(name, usage, first_at and first_at - started, first_at, time.monotonic())
             yield [gr.ChatMessage(role="assistant", content=reply),
                    gr.ChatMessage(role="assistant", content="",
-                                  metadata={"title": line, "id": f"{FIGURES_ID}:{usage.request_id or ''}",
+                                  metadata={"title": line, "id": figures_id(usage.request_id, name),
                                             "status": "done"})]
 
     return chat
@@ -178,8 +244,8 @@ def reply_request_id(history: list[dict], index) -> str | None:
     for turn in history[position:]:
         if turn.get("role") == "user":
             break
-        if str((turn.get("metadata") or {}).get("id", "")).startswith(FIGURES_ID + ":"):
-            return str(turn["metadata"]["id"]).split(":", 1)[1] or None
+        if fields := figures_fields(turn):
+            return fields[0]
     return None
 
 

@@ -14,11 +14,10 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application, metrics
 
-from ui.chat import make_chat_fn
 from ui.hardening import HOSTING, app_kwargs
 from ui.page import LOOK, build_page, login
 from ui.settings import ChatPageSettings
-from ui.sources import handle_source
+from ui.sources import HandleBackend
 
 # Serve's logger: the page replica's lines land next to the model replicas' request log.
 request_log = logging.getLogger("ray.serve")
@@ -33,7 +32,9 @@ class ChatPage:
         self.feedback = metrics.Counter("textbot_feedback", description="Likes and dislikes given to replies "
                                         "in the chat page, by value.", tag_keys=("value",))
         app = serve.get_replica_context().app_name
-        self.page = build_page(make_chat_fn(handle_source(settings.textbot_app)), settings,
+        # The models are asked of the Textbot application when a browser loads the page, not here:
+        # its ingress may start after this replica.
+        self.page = build_page(HandleBackend(settings.textbot_app), settings,
                                self.record_feedback, storage_key=f"textbot_conversations_{app}")
 
     def record_feedback(self, value: str, request_id: str | None) -> None:

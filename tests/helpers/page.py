@@ -5,8 +5,18 @@ import re
 import httpx
 from gradio_client import Client
 
-GREEDY_INPUTS = ("", 0.0, 1.0, 16)  # system prompt, temperature, top_p, max new tokens
-FIGURES = re.compile(r"^\d+ tokens? · \d+\.\d\d s to first token · \d+\.\d tokens/s · \d+ of \d+ prompt tokens cached$")
+GREEDY_INPUTS = ("", 0.0, 1.0, 16)  # system prompt, temperature, top_p, max new tokens (then the model)
+# The line under a reply, which names the model that wrote it.
+FIGURES = re.compile(r"^(?P<model>[^ ·]+) · \d+ tokens? · \d+\.\d\d s to first token · \d+\.\d tokens/s"
+                     r" · \d+ of \d+ prompt tokens cached$")
+# The figures note's metadata id: the reply's request id (Serve's, or the API's X-Request-ID), then its model.
+FIGURES_ID = re.compile(r"^textbot-figures:(?P<request_id>[^:]*):(?P<model>.+)$")
+
+
+def model_named(line: str) -> str | None:
+    """The model a figures line names; None for a line that is not one."""
+    match = FIGURES.match(line)
+    return match["model"] if match else None
 
 
 def page_client(url: str, **kwargs) -> Client:
