@@ -61,6 +61,9 @@ SessionHeader = Annotated[str | None, Header(
 # The Ray Serve tutorial's WebSocket protocol: this frame ends each reply.
 END_OF_REPLY = "<<Response Finished>>"
 
+# How long the ingress reuses what Serve's controller said of each model's running replicas.
+REPLICA_COUNT_TTL_S = 1.0
+
 # /health waits this long for a model replica to answer.
 HEALTH_TIMEOUT_S = 5.0
 
@@ -102,6 +105,7 @@ class TextbotAPI:
         self.started = int(time.time())
         self.app_name = serve.get_replica_context().app_name
         self._cards: dict[str, dict] = {}  # what each model's replica said when last asked (ready)
+        self._counted: tuple[float, dict[str, int]] | None = None  # (when, running replicas by model)
 
     def model_names(self) -> list[str]:
         """The served models' names, the default first: for callers through a handle (the chat page)."""
@@ -110,7 +114,7 @@ class TextbotAPI:
     async def loaded_models(self) -> list[str]:
         """The served models with a running replica, for handle callers (the chat page says when a
         model is loading). Counted from Serve's controller: asking never wakes a sleeping model."""
-        running = await asyncio.to_thread(self._running_replicas)
+        running = await self._replica_counts()
         return [name for name in self.served.names if running.get(name)]
 
     @api.post("/", response_class=StreamingResponse, summary="Stream a reply to one prompt")
@@ -192,7 +196,7 @@ class TextbotAPI:
     async def models(self) -> ModelList:
         """Every model, whether loaded or asleep; asking never wakes one (a sleeping model's
         replicas are counted, not called)."""
-        running = await asyncio.to_thread(self._running_replicas)
+        running = await self._replica_counts()
         names = self.served.names
         asked = await asyncio.gather(*(self._card(name) for name in names if running.get(name)),
                                      return_exceptions=True)  # loading, restarting or gone: not loaded
@@ -272,6 +276,15 @@ class TextbotAPI:
         served = await asyncio.wait_for(self.served.handles[name].ready.remote(), HEALTH_TIMEOUT_S)
         self._cards[name] = served
         return served
+
+    async def _replica_counts(self) -> dict[str, int]:
+        """`_running_replicas`, asked of the controller at most once a second: the chat page asks
+        before every reply (is the model loading?), and a second's staleness tells it nothing wrong
+        (a replica takes longer than that to start)."""
+        now = time.monotonic()
+        if self._counted is None or now - self._counted[0] > REPLICA_COUNT_TTL_S:
+            self._counted = (now, await asyncio.to_thread(self._running_replicas))
+        return self._counted[1]
 
     def _running_replicas(self) -> dict[str, int]:
         """Each model's running replicas, from Serve's controller (no request to the model)."""
