@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from bench import report, stack
 from bench.clients import completions_client, engine_client, openai_client, page_client, text_client, transformers_client
 from bench.load import run_level
 
 ROOT = Path(__file__).resolve().parent.parent
+DEPLOY_YAML = ROOT / "deploy.yaml"
 ALL_TARGETS = ["engine", "transformers", "http", "openai", "page", "llamacpp"]
 SERVED = {"http", "openai", "page"}
 
@@ -69,12 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def textbot_args() -> tuple[dict, int]:
-    """deploy.yaml's Textbot settings and the model replica's CPUs (its torch threads)."""
-    config = yaml.safe_load((ROOT / "deploy.yaml").read_text())
-    app = next(a for a in config["applications"] if a["name"] == "textbot")
-    cpus = next(d for d in app["deployments"] if d["name"] == "Textbot")["ray_actor_options"]["num_cpus"]
-    return app["args"], int(cpus)
+def deployed(config: Path | str = DEPLOY_YAML, app: str = "textbot"):
+    """The models application `app` of a Serve config (deploy.yaml's `textbot`), validated as Serve
+    validates it: its models (`.models`, the default first: `.default`), their engines and deployments."""
+    from backend.config import DeployConfig
+
+    return DeployConfig.read(config).textbot(app)
+
+
+def torch_threads(model) -> int:
+    """The torch threads of a replica of `model` (a ServedModel): its torch_threads, else as many as
+    its replica's CPUs (its deployment's ray_actor_options.num_cpus), at least one."""
+    return model.torch_threads or max(1, round(model.deployment.ray_actor_options.get("num_cpus", 1)))
 
 
 def served_urls(args: argparse.Namespace) -> tuple[str, str]:
@@ -260,25 +266,27 @@ async def run(args: argparse.Namespace) -> dict:
     from backend.engine import Engine
     from backend.settings import TextbotSettings
 
-    model_args, threads = textbot_args()
-    if args.model:
-        model_args = {"model": {"source": args.model}}
-    settings = TextbotSettings.model_validate(model_args)
+    deployment = deployed()
+    settings = TextbotSettings.model_validate({"model": {"source": args.model}}) if args.model else deployment
+    served_model = settings.default
+    # A replica's torch threads: the model's own setting, else deploy.yaml's default model replica's CPUs.
+    threads = served_model.torch_threads or torch_threads(deployment.default)
     # The model itself only for the in-process targets; the others need its tokenizer alone.
-    loaded = model.load(settings.model) if {"engine", "transformers"} & set(args.targets) else None
-    tokenizer = loaded.tokenizer if loaded else load_tokenizer(settings.model)
+    loaded = model.load(served_model.model_settings()) if {"engine", "transformers"} & set(args.targets) else None
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(served_model.model_settings())
     count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     results: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
 
     if "engine" in args.targets:
-        limits = settings.engine.model_copy(update={"max_waiting": max(settings.engine.max_waiting, max(args.concurrency))})
-        engine = Engine(loaded, limits, settings.model.torch_threads or threads)
+        limits = served_model.engine.model_copy(
+            update={"max_waiting": max(served_model.engine.max_waiting, max(args.concurrency))})
+        engine = Engine(loaded, limits, threads)
         results["engine"] = await measure("engine", engine_client(engine), args, count_tokens)
         engine.shutdown()
     if "transformers" in args.targets:
         # The tutorial's way needs transformers' own model object (its `generate`), not the engine's.
-        hugging_face = model.load(settings.model, transformers_model=True)
+        hugging_face = model.load(served_model.model_settings(), transformers_model=True)
         results["transformers"] = await measure("transformers", transformers_client(hugging_face), args, count_tokens)
 
     served = [t for t in args.targets if t in SERVED]
@@ -295,17 +303,17 @@ async def run(args: argparse.Namespace) -> dict:
                         skipped.setdefault(target, f"no stack answered at {api}")
     peer = {}
     if "llamacpp" in args.targets:
-        peer = await measure_llamacpp(args, settings.model, settings.model.torch_threads or threads,
-                                      settings.engine.max_running, tokenizer, count_tokens, results, skipped)
+        peer = await measure_llamacpp(args, served_model.model_settings(), threads, served_model.engine.max_running,
+                                      tokenizer, count_tokens, results, skipped)
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(),
-        "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": settings.model.source,
-                     "quantization": settings.model.quantization,
-                     "dtype": settings.model.dtype, "max_tokens": args.max_tokens,
+        "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": served_model.source,
+                     "quantization": served_model.quantization,
+                     "dtype": served_model.dtype, "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "concurrency": args.concurrency,
-                     "textbot_threads": settings.model.torch_threads or threads,
+                     "textbot_threads": threads,
                      "llamacpp_threads": peer.pop("threads", {}), "llamacpp_server": peer},
         "results": results,
         "skipped": skipped,
