@@ -138,10 +138,12 @@ def scope_from_listener(pid: int, table: dict[int, Process]) -> StackScope:
 
 
 # Ray names a worker after what it runs ("ray::ServeReplica:<app>:<deployment>", with ".<method>"
-# while a replica runs one of its methods; "ray::ProxyActor"). A model's deployment is
-# "Textbot:<model name>" (backend/settings.py, deployment_name), and a model's name may hold dots
-# ("Qwen2.5-0.5B"): the method is the last ".<identifier>" before the title's end.
-_REPLICA = re.compile(r"^ray::ServeReplica:(?P<app>[^:\s]+):(?P<deployment>\S+?)(?:\.[A-Za-z_]\w*)?(?:\s|$)")
+# while a replica runs one of its methods; "ray::ProxyActor"). While a replica starts, its actor's
+# name comes first: "ray::SERVE_REPLICA::<app>#<deployment>#<id>:ServeReplica:<app>:<deployment>.__init__".
+# A model's deployment is "Textbot:<model name>" (backend/settings.py, deployment_name), and a
+# model's name may hold dots ("Qwen2.5-0.5B"): the method is the last ".<identifier>" before the title's end.
+_REPLICA = re.compile(r"^ray::(?:SERVE_REPLICA::\S*?:)?ServeReplica:(?P<app>[^:\s]+):(?P<deployment>\S+?)"
+                      r"(?:\.[A-Za-z_]\w*)?(?:\s|$)")
 _MODEL_DEPLOYMENT = "Textbot:"
 _SERVE_DEPLOYMENTS = {"TextbotAPI": "ingress", "ChatPage": "chat page"}
 _RAY_WORKERS = {"ProxyActor": "Serve proxy", "ServeController": "Serve controller", "IDLE": "idle Ray worker"}

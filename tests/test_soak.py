@@ -80,7 +80,11 @@ def test_a_models_replica_is_named_with_its_model_whatever_its_name_holds():
               "ray::ServeReplica:duo:Textbot:Qwen2.5-0.5B.handle_request_streaming": "Textbot replica Qwen2.5-0.5B (duo)",
               "ray::ServeReplica:duo:Textbot:Qwen2.5-0.5B": "Textbot replica Qwen2.5-0.5B (duo)",
               "ray::ServeReplica:duo:TextbotAPI.handle_request": "ingress (duo)",
-              "ray::ServeReplica:chat:ChatPage": "chat page (chat)"}
+              "ray::ServeReplica:chat:ChatPage": "chat page (chat)",
+              # While a replica starts, its actor's name comes first.
+              "ray::SERVE_REPLICA::textbot#Textbot:gemma-3-270m#jso2t1xe:ServeReplica:textbot:Textbot:gemma-3-270m"
+              ".__init__": "Textbot replica gemma-3-270m (textbot)",
+              "ray::SERVE_REPLICA::chat#ChatPage#bdr98czm:ServeReplica:chat:ChatPage.__init__": "chat page (chat)"}
     table = _table(*((pid, 1, title) for pid, title in enumerate(titles, 2)))
     assert [processes.role(table[pid], table) for pid in sorted(table)] == list(titles.values())
     # An engine started by a model's replica belongs to the replica's application.
