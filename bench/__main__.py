@@ -317,7 +317,8 @@ async def measure_wake(api: str, client: httpx.AsyncClient, model, count_tokens,
     token from zero less the awake one is the replica's start, as a client waits for it."""
     name = model.served_name
     within = (model.deployment.autoscaling_config or {}).get("downscale_delay_s", 600) + 120
-    record = {"model": name, "caches": caches(model), "asleep_wait_s": await wait_asleep(client, api, name, within)}
+    record = {"model": name, "caches": caches(model), "asleep_wait_s": await wait_asleep(client, api, name, within),
+              "load_average": os.getloadavg()[0]}  # this machine is shared: how busy it was
     stream = openai_client(api, client, model=name)
     started, running_at = time.perf_counter(), None
 
@@ -415,6 +416,7 @@ async def run(args: argparse.Namespace) -> dict:
     from backend.engine import Engine
     from backend.settings import TextbotSettings
 
+    load_at_start = os.getloadavg()
     deployment = deployed(args.config, args.app)
     settings = TextbotSettings.model_validate({"model": {"source": args.model}}) if args.model else deployment
     served_model = settings.default
@@ -473,6 +475,7 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(),
+        "load_average": {"start": [round(x, 1) for x in load_at_start], "end": [round(x, 1) for x in os.getloadavg()]},
         "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": served_model.source,
                      "quantization": served_model.quantization,
                      "dtype": served_model.dtype, "max_tokens": args.max_tokens,

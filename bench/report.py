@@ -100,7 +100,7 @@ def wake_lines(run: dict) -> list[str]:
         return f"converted {say[found.get('converted')]}, compiled {say[found.get('compiled')]}"
 
     rows = [f"| {w['model']} | {w['ttft_ms']} | {w['awake_ttft_ms']} | {w.get('replica_start_ms')} | "
-            f"{w['running_seen_ms']} | {w['tokens']} in {w['total_ms']} | {cached(w)} | "
+            f"{w['running_seen_ms']} | {w['tokens']} in {w['total_ms']} | {cached(w)} | {w.get('load_average')} | "
             f"{'; '.join(w['errors']) or 0} |" for w in run["wake"]]
     return ["## Waking a sleeping model", "",
             "Each model that sleeps (autoscaling min_replicas 0): the benchmark waits until it has no replica "
@@ -109,8 +109,8 @@ def wake_lines(run: dict) -> list[str]:
             "start as a client waits for it (Ray and Serve run already). 'Running seen': when `/v1/models` "
             "first said `loaded: true`, polled every 0.5 s.", "",
             "| model | first token from zero, ms | first token awake, ms | difference, ms | running seen, ms "
-            "| tokens in ms | caches before | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |", *rows, ""]
+            "| tokens in ms | caches before | load average | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |", *rows, ""]
 
 
 def mixed_lines(run: dict) -> list[str]:
@@ -284,7 +284,9 @@ def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None
         f"request(s) of {s['max_tokens']} new tokens, greedy, from fixed prompts; all clients start together.",
         "Output tokens are counted by re-tokenising each reply with the model's tokenizer, for every target alike.",
         "Inter-token latency: gaps between streamed pieces, spread over the tokens each piece carried.",
-        "Everything below ran side by side in one run on a shared machine: compare ratios, not absolutes.",
+        "Everything below ran side by side in one run on a shared machine: compare ratios, not absolutes."
+        + (f" Load average (1, 5, 15 min) at the start {run['load_average']['start']}, at the end "
+           f"{run['load_average']['end']}." if run.get("load_average") else ""),
         *llamacpp_lines(run),
         "",
         (f"![aggregate throughput and latency]({figure})  (data: [{Path(data).name}]({data}))" if figure

@@ -152,13 +152,14 @@ def test_the_report_says_how_each_model_woke_and_how_two_shared_the_machine():
     run = {"settings": {}, "results": {},
            "wake": [{"model": "gemma-3-270m", "ttft_ms": 7400.0, "awake_ttft_ms": 90.0, "replica_start_ms": 7310.0,
                      "running_seen_ms": 7600.0, "tokens": 64, "total_ms": 9100.0, "errors": [],
-                     "caches": {"converted": True, "compiled": True}},
+                     "caches": {"converted": True, "compiled": True}, "load_average": 1.5},
                     {"model": "other", "ttft_ms": None, "awake_ttft_ms": None, "running_seen_ms": None, "tokens": 0,
                      "total_ms": 0.0, "errors": ["HTTPStatusError: 503"], "caches": {}}],
            "mixed": {"concurrency": 8, "assigned": ["a", "b"] * 4, "models": {"a": level, "b": level},
                      "all": level | {"concurrency": 8, "requests": 8, "aggregate_tok_s": 150.0}}}
     wake = "\n".join(wake_lines(run))
-    assert "| gemma-3-270m | 7400.0 | 90.0 | 7310.0 | 7600.0 | 64 in 9100.0 | converted on disk, compiled on disk | 0 |" in wake
+    assert ("| gemma-3-270m | 7400.0 | 90.0 | 7310.0 | 7600.0 | 64 in 9100.0 | converted on disk, compiled on disk "
+            "| 1.5 | 0 |") in wake
     mixed = "\n".join(mixed_lines(run))
     assert "| a | 4 | 120.0 | 150.0 | 40.0 | 20.0 | 75.0 | 0/4 |" in mixed and "| both | 8 |" in mixed
     checks = {name: (measured, met) for name, measured, met in targets(run)}
