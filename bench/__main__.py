@@ -285,6 +285,8 @@ async def wait_asleep(client: httpx.AsyncClient, api: str, name: str, within_s: 
     while (await loaded_models(client, api)).get(name, True):
         if time.monotonic() - started > within_s:
             raise TimeoutError(f"{name} still had a replica after {within_s:.0f} s")
+        if not had_one:
+            print(f"{'wake':>12} {name} has a replica: waiting until Serve stops it (up to {within_s:.0f} s)", flush=True)
         had_one = True
         await asyncio.sleep(WAKE_POLL_S[0])
     if had_one:
