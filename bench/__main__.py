@@ -46,7 +46,11 @@ DEPLOY_YAML = ROOT / "deploy.yaml"
 ALL_TARGETS = ["engine", "transformers", "http", "openai", "page", "llamacpp", "models", "mixed", "wake"]
 SERVED = {"http", "openai", "page", "models", "mixed", "wake"}
 MIXED_STREAMS = 8  # the mixed run's streams, over two models
-WAKE_SETTLE_S = 5  # after a replica stops running, before the timed request: it may still be stopping
+# A model whose replica just stopped may start again by itself: Serve's autoscaler averages a model's
+# requests over look_back_period_s (30 s by default), so one stopped sooner than that after its last
+# request is started again (seen with downscale_delay_s 15). Such a model must have had no running
+# replica for this long on end (the look-back, then a start's time) before it is timed waking.
+WAKE_QUIET_S = 60
 WAKE_POLL_S = (2, 0.5)  # GET /v1/models while waiting for a model to sleep, and while it wakes
 
 
@@ -280,18 +284,25 @@ async def loaded_models(client: httpx.AsyncClient, api: str) -> dict[str, bool]:
 
 
 async def wait_asleep(client: httpx.AsyncClient, api: str, name: str, within_s: float) -> float:
-    """Wait until `name` has no running replica; the seconds waited. TimeoutError past `within_s`."""
-    started, had_one = time.monotonic(), False
-    while (await loaded_models(client, api)).get(name, True):
-        if time.monotonic() - started > within_s:
-            raise TimeoutError(f"{name} still had a replica after {within_s:.0f} s")
-        if not had_one:
-            print(f"{'wake':>12} {name} has a replica: waiting until Serve stops it (up to {within_s:.0f} s)", flush=True)
-        had_one = True
+    """Wait until `name` has no running replica: at once if it has none at the first look, else
+    once it has had none for WAKE_QUIET_S on end. The seconds waited; TimeoutError past `within_s`."""
+    started, had_one, asleep_since = time.monotonic(), False, None
+    while True:
+        now = time.monotonic()
+        if now - started > within_s:
+            raise TimeoutError(f"{name} did not stay without a replica within {within_s:.0f} s")
+        if (await loaded_models(client, api)).get(name, True):
+            if not had_one:
+                print(f"{'wake':>12} {name} has a replica: waiting until Serve stops it and it stays stopped "
+                      f"for {WAKE_QUIET_S} s (up to {within_s:.0f} s)", flush=True)
+            had_one, asleep_since = True, None
+        elif not had_one:
+            return 0.0
+        elif asleep_since is None:
+            asleep_since = now
+        elif now - asleep_since >= WAKE_QUIET_S:
+            return round(now - started, 1)
         await asyncio.sleep(WAKE_POLL_S[0])
-    if had_one:
-        await asyncio.sleep(WAKE_SETTLE_S)  # the replica it had may still be stopping: let it go
-    return round(time.monotonic() - started, 1)
 
 
 def caches(model) -> dict:
@@ -318,7 +329,7 @@ async def measure_wake(api: str, client: httpx.AsyncClient, model, count_tokens,
     for when its replica runs; then a second request, the model awake, for comparison. The first
     token from zero less the awake one is the replica's start, as a client waits for it."""
     name = model.served_name
-    within = (model.deployment.autoscaling_config or {}).get("downscale_delay_s", 600) + 120
+    within = (model.deployment.autoscaling_config or {}).get("downscale_delay_s", 600) + WAKE_QUIET_S + 120
     record = {"model": name, "caches": caches(model), "asleep_wait_s": await wait_asleep(client, api, name, within),
               "load_average": os.getloadavg()[0]}  # this machine is shared: how busy it was
     stream = openai_client(api, client, model=name)
@@ -332,10 +343,12 @@ async def measure_wake(api: str, client: httpx.AsyncClient, model, count_tokens,
 
     watcher = asyncio.create_task(watch())
     woken = await run_one(stream, PROMPTS[0], max_tokens)
+    # At once: an engine idle for a second builds its grammar's vocabulary, holding its GIL (Gemma's
+    # 262144 tokens took 3.75 s here), which a request sent then would wait for.
+    awake = await run_one(stream, PROMPTS[0], max_tokens)
     with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
         await asyncio.wait_for(watcher, 10)
     watcher.cancel()
-    awake = await run_one(stream, PROMPTS[0], max_tokens)
     for request in (woken, awake):
         request.tokens = count_tokens(request.text)
     ttft = lambda r: round((r.arrivals[0] - r.started) * 1000, 1) if r.arrivals and not r.error else None  # noqa: E731
