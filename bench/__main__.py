@@ -4,13 +4,19 @@ peer llama.cpp's own `llama-server` on the same GGUF file, its slots decoded tog
 continuous batching: `make bench` builds it, see bench/llamacpp_build.py) and write
 docs/BENCHMARKS.md with the results.
 
-The model is deploy.yaml's (the textbot application's model.source) unless --model names
-another; the in-process and llama.cpp targets use it, the served targets whatever the stack
-at --url serves.
+The model is deploy.yaml's default (the textbot application's first model) unless --model
+names another source; the in-process and llama.cpp targets use it, the served targets
+whatever the stack at --url serves.
+
+Several models (issue 30): `models` measures each of the application's models through the
+OpenAI route by name (`model`), at each concurrency; `mixed` sends 8 streams at once over its
+first two models, in turn; `wake` waits until each sleeping model (autoscaling min_replicas 0)
+has no replica, then times one request to it from sending to its first token (the replica's
+start), beside a request to it awake. `wake` runs first, before anything wakes the model.
 
 The served targets use a running `make run` stack at --url; if none answers,
 the benchmark starts one itself as `make run` does (`python -m backend.launch
-deploy.yaml`) and stops it at the end.
+deploy.yaml`, or --config) and stops it at the end.
 """
 
 from __future__ import annotations
@@ -30,15 +36,22 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from bench import report, stack
 from bench.clients import completions_client, engine_client, openai_client, page_client, text_client, transformers_client
-from bench.load import run_level
+from bench.load import PROMPTS, run_level, run_mixed, run_one
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_TARGETS = ["engine", "transformers", "http", "openai", "page", "llamacpp"]
-SERVED = {"http", "openai", "page"}
+DEPLOY_YAML = ROOT / "deploy.yaml"
+ALL_TARGETS = ["engine", "transformers", "http", "openai", "page", "llamacpp", "models", "mixed", "wake"]
+SERVED = {"http", "openai", "page", "models", "mixed", "wake"}
+MIXED_STREAMS = 8  # the mixed run's streams, over two models
+# A model whose replica just stopped may start again by itself: Serve's autoscaler averages a model's
+# requests over look_back_period_s (30 s by default), so one stopped sooner than that after its last
+# request is started again (seen with downscale_delay_s 15). Such a model must have had no running
+# replica for this long on end (the look-back, then a start's time) before it is timed waking.
+WAKE_QUIET_S = 60
+WAKE_POLL_S = (2, 0.5)  # GET /v1/models while waiting for a model to sleep, and while it wakes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,9 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per reply (default %(default)s)")
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the served stack (default %(default)s)")
-    parser.add_argument("--api-path", default="/api", help="Textbot application's route prefix")
+    parser.add_argument("--api-path", help="Textbot application's route prefix (default: its route_prefix in "
+                                           "--config, /api in deploy.yaml)")
     parser.add_argument("--page-path", default="/", help="chat page's route prefix")
     parser.add_argument("--model", help="model source for the in-process and llama.cpp targets (default: deploy.yaml's)")
+    parser.add_argument("--config", type=Path, default=DEPLOY_YAML,
+                        help="the Serve config whose models are measured, and served when no stack answers "
+                             "(default: deploy.yaml)")
+    parser.add_argument("--app", default="textbot", help="its models application (default %(default)s)")
     parser.add_argument("--no-start", action="store_true", help="never start a stack; skip served targets instead")
     parser.add_argument("--llamacpp-threads", type=int, nargs="+",
                         help="llama-server threads (-t and -tb), one server and one set of rows each (default: the "
@@ -66,15 +84,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--concurrency, --max-tokens and --requests-per-client must be at least 1")
     if args.llamacpp_threads and min(args.llamacpp_threads) < 1:
         parser.error("--llamacpp-threads must be at least 1")
+    args.config = args.config.resolve()  # the stack it may start runs in the checkout
+    if args.api_path is None:
+        from backend.config import DeployConfig
+
+        try:
+            args.api_path = DeployConfig.read(args.config).app(args.app).get("route_prefix") or "/"
+        except (KeyError, OSError) as error:
+            parser.error(f"--config/--app: {error}")
     return args
 
 
-def textbot_args() -> tuple[dict, int]:
-    """deploy.yaml's Textbot settings and the model replica's CPUs (its torch threads)."""
-    config = yaml.safe_load((ROOT / "deploy.yaml").read_text())
-    app = next(a for a in config["applications"] if a["name"] == "textbot")
-    cpus = next(d for d in app["deployments"] if d["name"] == "Textbot")["ray_actor_options"]["num_cpus"]
-    return app["args"], int(cpus)
+def deployed(config: Path | str = DEPLOY_YAML, app: str = "textbot"):
+    """The models application `app` of a Serve config (deploy.yaml's `textbot`), validated as Serve
+    validates it: its models (`.models`, the default first: `.default`), their engines and deployments."""
+    from backend.config import DeployConfig
+
+    return DeployConfig.read(config).textbot(app)
+
+
+def torch_threads(model) -> int:
+    """The torch threads of a replica of `model` (a ServedModel): its torch_threads, else as many as
+    its replica's CPUs (its deployment's ray_actor_options.num_cpus), at least one."""
+    return model.torch_threads or max(1, round(model.deployment.ray_actor_options.get("num_cpus", 1)))
 
 
 def served_urls(args: argparse.Namespace) -> tuple[str, str]:
@@ -90,9 +122,9 @@ def served_stack(args: argparse.Namespace, skipped: dict):
     if (up := stack.healthy(api)) or args.no_start:
         yield up
         return
-    print("No stack answers at", api, "- starting `python -m backend.launch deploy.yaml`, as `make run` does",
+    print("No stack answers at", api, f"- starting `python -m backend.launch {args.config.name}`, as `make run` does",
           flush=True)
-    with stack.launched_stack(args.url, api, page) as launched:
+    with stack.launched_stack(args.url, api, page, args.config) as launched:
         if launched.why:
             for target in SERVED:
                 skipped[target] = launched.why
@@ -239,6 +271,145 @@ async def measure(name: str, stream, args, count_tokens) -> list[dict]:
     return levels
 
 
+def sleeps(model) -> bool:
+    """Whether a model (a ServedModel) sleeps: Serve may scale it to no replica (min_replicas 0)."""
+    return (model.deployment.autoscaling_config or {}).get("min_replicas", 1) == 0
+
+
+async def loaded_models(client: httpx.AsyncClient, api: str) -> dict[str, bool]:
+    """GET /v1/models: each model's name -> whether a replica of it runs (asking wakes none)."""
+    response = await client.get(f"{api}/v1/models", timeout=30)
+    response.raise_for_status()
+    return {card["id"]: bool(card.get("loaded")) for card in response.json()["data"]}
+
+
+async def wait_asleep(client: httpx.AsyncClient, api: str, name: str, within_s: float) -> float:
+    """Wait until `name` has no running replica: at once if it has none at the first look, else
+    once it has had none for WAKE_QUIET_S on end. The seconds waited; TimeoutError past `within_s`."""
+    started, had_one, asleep_since = time.monotonic(), False, None
+    while True:
+        now = time.monotonic()
+        if now - started > within_s:
+            raise TimeoutError(f"{name} did not stay without a replica within {within_s:.0f} s")
+        if (await loaded_models(client, api)).get(name, True):
+            if not had_one:
+                print(f"{'wake':>12} {name} has a replica: waiting until Serve stops it and it stays stopped "
+                      f"for {WAKE_QUIET_S} s (up to {within_s:.0f} s)", flush=True)
+            had_one, asleep_since = True, None
+        elif not had_one:
+            return 0.0
+        elif asleep_since is None:
+            asleep_since = now
+        elif now - asleep_since >= WAKE_QUIET_S:
+            return round(now - started, 1)
+        await asyncio.sleep(WAKE_POLL_S[0])
+
+
+def caches(model) -> dict:
+    """Whether a model's converted copy and compiled step were on disk (it starts from them)."""
+    from backend.engine.compiled import package_path
+    from backend.engine.location import converted_cache, locate
+
+    settings = model.model_settings()
+    try:
+        folder = converted_cache(settings, locate(settings))
+    except Exception:  # noqa: BLE001 - a source this machine cannot find: unknown
+        folder = None
+    if folder is None:
+        return {"converted": None, "compiled": None}
+    from backend.engine import loading  # torch: only for a model converted here
+
+    return {"converted": (folder / loading._COMPLETE).is_file(),
+            "compiled": package_path(folder).is_file() if settings.compile else None}
+
+
+async def measure_wake(api: str, client: httpx.AsyncClient, model, count_tokens, max_tokens: int) -> dict:
+    """A sleeping model woken by one request (the OpenAI route, by name): wait until it has no
+    replica, then time that request from sending to its first token, polling /v1/models meanwhile
+    for when its replica runs; then a second request, the model awake, for comparison. The first
+    token from zero less the awake one is the replica's start, as a client waits for it."""
+    name = model.served_name
+    within = (model.deployment.autoscaling_config or {}).get("downscale_delay_s", 600) + WAKE_QUIET_S + 120
+    record = {"model": name, "caches": caches(model), "asleep_wait_s": await wait_asleep(client, api, name, within),
+              "load_average": os.getloadavg()[0]}  # this machine is shared: how busy it was
+    stream = openai_client(api, client, model=name)
+    started, running_at = time.perf_counter(), None
+
+    async def watch() -> None:
+        nonlocal running_at
+        while not (await loaded_models(client, api)).get(name):
+            await asyncio.sleep(WAKE_POLL_S[1])
+        running_at = time.perf_counter()
+
+    watcher = asyncio.create_task(watch())
+    woken = await run_one(stream, PROMPTS[0], max_tokens)
+    # At once: an engine idle for a second builds its grammar's vocabulary, holding its GIL (Gemma's
+    # 262144 tokens took 3.75 s here), which a request sent then would wait for.
+    awake = await run_one(stream, PROMPTS[0], max_tokens)
+    with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
+        await asyncio.wait_for(watcher, 10)
+    watcher.cancel()
+    for request in (woken, awake):
+        request.tokens = count_tokens(request.text)
+    ttft = lambda r: round((r.arrivals[0] - r.started) * 1000, 1) if r.arrivals and not r.error else None  # noqa: E731
+    record |= {"ttft_ms": ttft(woken), "awake_ttft_ms": ttft(awake), "tokens": woken.tokens,
+               "total_ms": round(((woken.arrivals or [started])[-1] - started) * 1000, 1),
+               "running_seen_ms": round((running_at - started) * 1000, 1) if running_at else None,
+               "errors": [r.error for r in (woken, awake) if r.error]}
+    if record["ttft_ms"] is not None and record["awake_ttft_ms"] is not None:
+        record["replica_start_ms"] = round(record["ttft_ms"] - record["awake_ttft_ms"], 1)
+    print(f"{'wake':>12} {name}: asleep after {record['asleep_wait_s']} s of waiting; first token "
+          f"{record['ttft_ms']} ms from zero, {record['awake_ttft_ms']} ms awake; replica running seen at "
+          f"{record['running_seen_ms']} ms; errors {record['errors'] or 0}", flush=True)
+    return record
+
+
+def model_key(target: str, name: str) -> str:
+    """A per-model result's name: `openai:gemma-3-270m`."""
+    return f"{target}:{name}"
+
+
+def token_counters(models) -> dict:
+    """Model name -> a function counting the tokens of a text with that model's tokenizer."""
+    counters = {}
+    for model in models:
+        tokenizer = load_tokenizer(model.model_settings())
+        counters[model.served_name] = (lambda text, tokenizer=tokenizer:
+                                       len(tokenizer.encode(text, add_special_tokens=False)))
+    return counters
+
+
+async def measure_wakes(api: str, client: httpx.AsyncClient, models, counters: dict, max_tokens: int,
+                        skipped: dict) -> list[dict]:
+    """`wake`: each sleeping model woken from no replica (measure_wake)."""
+    asleep = [model for model in models if sleeps(model)]
+    if not asleep:
+        skipped["wake"] = "no model of the application sleeps (autoscaling_config.min_replicas 0)"
+    woken = []
+    for model in asleep:
+        try:
+            woken.append(await measure_wake(api, client, model, counters[model.served_name], max_tokens))
+        except (TimeoutError, httpx.HTTPError) as error:
+            skipped["wake"] = f"{model.served_name}: {error}"
+    return woken
+
+
+async def measure_mixed(api: str, client: httpx.AsyncClient, models, counters: dict, max_tokens: int,
+                        skipped: dict) -> dict | None:
+    """`mixed`: MIXED_STREAMS streams at once over the application's first two models, in turn."""
+    if len(models) < 2:
+        skipped["mixed"] = "the application serves one model"
+        return None
+    streams = {model.served_name: openai_client(api, client, model=model.served_name) for model in models[:2]}
+    for stream in streams.values():  # each model awake before the clock starts
+        await run_one(stream, "Hi", 4)
+    mixed = await run_mixed(streams, counters, MIXED_STREAMS, max_tokens)
+    print(f"{'mixed':>12} x{MIXED_STREAMS:<3} aggregate {mixed['all']['aggregate_tok_s']} tok/s, " + ", ".join(
+        f"{name} ttft p50 {level['ttft_p50_ms']} ms" for name, level in mixed["models"].items())
+        + f", errors {mixed['all']['errors']}", flush=True)
+    return mixed
+
+
 def load_tokenizer(model_settings):
     """The model's tokenizer without its weights: from the converted copy Textbot keeps of a
     GGUF model when there is one (quick), else from the source."""
@@ -260,56 +431,77 @@ async def run(args: argparse.Namespace) -> dict:
     from backend.engine import Engine
     from backend.settings import TextbotSettings
 
-    model_args, threads = textbot_args()
-    if args.model:
-        model_args = {"model": {"source": args.model}}
-    settings = TextbotSettings.model_validate(model_args)
+    load_at_start = os.getloadavg()
+    deployment = deployed(args.config, args.app)
+    settings = TextbotSettings.model_validate({"model": {"source": args.model}}) if args.model else deployment
+    served_model = settings.default
+    # A replica's torch threads: the model's own setting, else deploy.yaml's default model replica's CPUs.
+    threads = served_model.torch_threads or torch_threads(deployment.default)
     # The model itself only for the in-process targets; the others need its tokenizer alone.
-    loaded = model.load(settings.model) if {"engine", "transformers"} & set(args.targets) else None
-    tokenizer = loaded.tokenizer if loaded else load_tokenizer(settings.model)
+    loaded = model.load(served_model.model_settings()) if {"engine", "transformers"} & set(args.targets) else None
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(served_model.model_settings())
     count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     results: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
 
     if "engine" in args.targets:
-        limits = settings.engine.model_copy(update={"max_waiting": max(settings.engine.max_waiting, max(args.concurrency))})
-        engine = Engine(loaded, limits, settings.model.torch_threads or threads)
+        limits = served_model.engine.model_copy(
+            update={"max_waiting": max(served_model.engine.max_waiting, max(args.concurrency))})
+        engine = Engine(loaded, limits, threads)
         results["engine"] = await measure("engine", engine_client(engine), args, count_tokens)
         engine.shutdown()
     if "transformers" in args.targets:
         # The tutorial's way needs transformers' own model object (its `generate`), not the engine's.
-        hugging_face = model.load(settings.model, transformers_model=True)
+        hugging_face = model.load(served_model.model_settings(), transformers_model=True)
         results["transformers"] = await measure("transformers", transformers_client(hugging_face), args, count_tokens)
 
     served = [t for t in args.targets if t in SERVED]
+    several = {}
     if served:
         with served_stack(args, skipped) as up:
             api, page = served_urls(args)
             async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
                 clients = {"http": lambda: text_client(api, client), "openai": lambda: openai_client(api, client),
                            "page": lambda: page_client(page.rstrip("/") + "/", client)}
-                for target in served:
-                    if up:
-                        results[target] = await measure(target, clients[target](), args, count_tokens)
-                    else:
+                if not up:
+                    for target in served:
                         skipped.setdefault(target, f"no stack answered at {api}")
+                    served = []
+                models = deployment.models
+                counters = token_counters(models) if {"models", "mixed", "wake"} & set(served) else {}
+                if "wake" in served:  # first: anything else may wake the sleeping model
+                    several["wake"] = await measure_wakes(api, client, models, counters, args.max_tokens, skipped)
+                for target in served:
+                    if target in clients:
+                        results[target] = await measure(target, clients[target](), args, count_tokens)
+                if "models" in served:  # each model by name, through the OpenAI route
+                    for model in models:
+                        key = model_key("openai", model.served_name)
+                        results[key] = await measure(key, openai_client(api, client, model=model.served_name), args,
+                                                     counters[model.served_name])
+                if "mixed" in served and (mixed := await measure_mixed(api, client, models, counters,
+                                                                       args.max_tokens, skipped)):
+                    several["mixed"] = mixed
     peer = {}
     if "llamacpp" in args.targets:
-        peer = await measure_llamacpp(args, settings.model, settings.model.torch_threads or threads,
-                                      settings.engine.max_running, tokenizer, count_tokens, results, skipped)
+        peer = await measure_llamacpp(args, served_model.model_settings(), threads, served_model.engine.max_running,
+                                      tokenizer, count_tokens, results, skipped)
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(),
-        "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": settings.model.source,
-                     "quantization": settings.model.quantization,
-                     "dtype": settings.model.dtype, "max_tokens": args.max_tokens,
+        "load_average": {"start": [round(x, 1) for x in load_at_start], "end": [round(x, 1) for x in os.getloadavg()]},
+        "settings": {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "model": served_model.source,
+                     "quantization": served_model.quantization,
+                     "dtype": served_model.dtype, "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "concurrency": args.concurrency,
-                     "textbot_threads": settings.model.torch_threads or threads,
-                     "llamacpp_threads": peer.pop("threads", {}), "llamacpp_server": peer},
+                     "textbot_threads": threads,
+                     "llamacpp_threads": peer.pop("threads", {}), "llamacpp_server": peer,
+                     "config": str(args.config), "app": args.app,
+                     "models": [m.served_name for m in deployment.models]},
         "results": results,
         "skipped": skipped,
-    }
+    } | several
 
 
 def main(argv: list[str] | None = None) -> None:

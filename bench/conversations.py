@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
+from backend.config import DeployConfig
+from backend.settings import deployment_name
 from bench.report import write_side_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,17 +67,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def applications(budget_mb: float) -> list[dict]:
-    """deploy.yaml's textbot application three times: cache off, as shipped on two replicas, a small KV budget."""
-    config = yaml.safe_load((ROOT / "deploy.yaml").read_text())
-    shipped = next(a for a in config["applications"] if a["name"] == "textbot")
+    """deploy.yaml's textbot application three times, serving its default model alone: cache off,
+    as shipped on two replicas, a small KV budget."""
+    config = DeployConfig.read(ROOT / "deploy.yaml")
+    shipped, default = config.app("textbot"), config.textbot("textbot").default
     apps = []
     for name, engine, replicas in (("off", {"prefix_cache": False}, 1), ("on", {}, 2),
                                    ("budget", {"kv_cache_mb": budget_mb}, 1)):
+        model = default.model_copy(update={
+            "engine": default.engine.model_copy(update=engine),
+            "deployment": default.deployment.model_copy(update={"autoscaling_config": None, "num_replicas": replicas})})
         app = copy.deepcopy(shipped) | {"name": name, "route_prefix": f"/{name}"}
-        app["args"]["engine"] |= engine
-        textbot = next(d for d in app["deployments"] if d["name"] == "Textbot")
-        textbot.pop("autoscaling_config", None)
-        textbot["num_replicas"] = replicas
+        app["args"] = {key: value for key, value in app["args"].items() if key not in ("model", "engine")}
+        app["args"]["models"] = [model.model_dump(mode="json")]
         apps.append(app)
     return apps
 
@@ -270,8 +273,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"The applications did not start: {serve.status().applications}")
             time.sleep(2)
 
+        model = DeployConfig.read(ROOT / "deploy.yaml").textbot("textbot").default.served_name
+
         async def replica_stats(app: str) -> dict:
-            return await serve.get_deployment_handle("Textbot", app_name=app).stats.remote()
+            return await serve.get_deployment_handle(deployment_name(model), app_name=app).stats.remote()
 
         run = asyncio.run(measure(f"http://127.0.0.1:{port}", args, replica_stats))
     finally:

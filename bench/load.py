@@ -100,3 +100,26 @@ def _pct(values: list[float], q: int) -> float | None:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
+
+
+def alternate(names: list[str], streams: int) -> list[str]:
+    """Which model each of `streams` concurrent streams asks: the models in turn (a, b, a, b, ...)."""
+    return [names[i % len(names)] for i in range(streams)]
+
+
+async def run_mixed(streams: dict[str, Stream], count_tokens: dict[str, object], concurrency: int,
+                    max_tokens: int) -> dict:
+    """`concurrency` streams at once over several models (streams: model name -> its client), each
+    stream one request, the models in turn (`alternate`); all start together. The statistics of
+    all of them (`all`) and of each model's (`models`), over the same wall-clock time, so the
+    models' aggregates add up to the whole's."""
+    assigned = alternate(list(streams), concurrency)
+    started = time.perf_counter()
+    requests = await asyncio.gather(*(run_one(streams[name], PROMPTS[i % len(PROMPTS)], max_tokens)
+                                      for i, name in enumerate(assigned)))
+    wall = time.perf_counter() - started
+    for request, name in zip(requests, assigned):
+        request.tokens = count_tokens[name](request.text)
+    return {"concurrency": concurrency, "assigned": assigned, "all": summarize(list(requests), concurrency, wall),
+            "models": {name: summarize([r for r, n in zip(requests, assigned) if n == name], assigned.count(name), wall)
+                       for name in streams}}

@@ -138,21 +138,29 @@ def scope_from_listener(pid: int, table: dict[int, Process]) -> StackScope:
 
 
 # Ray names a worker after what it runs ("ray::ServeReplica:<app>:<deployment>", with ".<method>"
-# while a replica runs one of its methods; "ray::ProxyActor").
-_REPLICA = re.compile(r"^ray::ServeReplica:(?P<app>[^:\s]+):(?P<deployment>[^.\s]+)")
-_SERVE_DEPLOYMENTS = {"Textbot": "Textbot replica", "TextbotAPI": "ingress", "ChatPage": "chat page"}
+# while a replica runs one of its methods; "ray::ProxyActor"). While a replica starts, its actor's
+# name comes first: "ray::SERVE_REPLICA::<app>#<deployment>#<id>:ServeReplica:<app>:<deployment>.__init__".
+# A model's deployment is "Textbot:<model name>" (backend/settings.py, deployment_name), and a
+# model's name may hold dots ("Qwen2.5-0.5B"): the method is the last ".<identifier>" before the title's end.
+_REPLICA = re.compile(r"^ray::(?:SERVE_REPLICA::\S*?:)?ServeReplica:(?P<app>[^:\s]+):(?P<deployment>\S+?)"
+                      r"(?:\.[A-Za-z_]\w*)?(?:\s|$)")
+_MODEL_DEPLOYMENT = "Textbot:"
+_SERVE_DEPLOYMENTS = {"TextbotAPI": "ingress", "ChatPage": "chat page"}
 _RAY_WORKERS = {"ProxyActor": "Serve proxy", "ServeController": "Serve controller", "IDLE": "idle Ray worker"}
 _PROGRAMS = {"raylet": "raylet", "gcs_server": "GCS", "llama-server": "llama-server", "backend.launch": "launcher"}
 
 
 def role(process: Process, table: dict[int, Process]) -> str:
     """What a process of the stack is, in a few words (an engine or a replica with its Serve
-    application: 'engine (textbot)', 'Textbot replica (textbot)'). From the program alone:
+    application: 'engine (textbot)', a model's replica with its model's name too:
+    'Textbot replica SmolLM2-135M-Instruct (textbot)'). From the program alone:
     the raylet's arguments, for one, name the agents' programs it starts."""
     cmd = process.cmdline
     if replica := _REPLICA.match(cmd):
-        what = _SERVE_DEPLOYMENTS.get(replica["deployment"], replica["deployment"])
-        return f"{what} ({replica['app']})"
+        deployment = replica["deployment"]
+        if deployment.startswith(_MODEL_DEPLOYMENT):
+            return f"Textbot replica {deployment.removeprefix(_MODEL_DEPLOYMENT)} ({replica['app']})"
+        return f"{_SERVE_DEPLOYMENTS.get(deployment, deployment)} ({replica['app']})"
     if cmd.startswith("ray::"):
         name = cmd.removeprefix("ray::").split(" ")[0].split(".")[0]
         return _RAY_WORKERS.get(name, name)

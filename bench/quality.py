@@ -209,11 +209,10 @@ def _type_line(row: dict) -> str:
 
 
 def _deployed_model_source() -> dict:
-    import yaml
+    """deploy.yaml's default model's source (the textbot application's first model)."""
+    from bench.__main__ import deployed
 
-    config = yaml.safe_load((ROOT / "deploy.yaml").read_text())
-    app = next(a for a in config["applications"] if a["name"] == "textbot")
-    return {"source": app["args"]["model"]["source"]}
+    return {"source": deployed().default.source}
 
 
 def _decode_step_logits(loaded, ids: list[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
+WAKE_TARGET_S = 10  # issue 30: a sleeping model's first token within 10 s of asking, caches warm
 NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the benchmark rewrites this file. -->"
 
 TITLES = {
@@ -56,6 +57,9 @@ def machine() -> dict:
 
 
 def title(target: str, run: dict) -> str:
+    if ":" in target:  # one model of several, by name (`python -m bench --targets models`)
+        route, model = target.split(":", 1)
+        return f"{TITLES.get(route, route)}, model {model}"
     threads = run["settings"].get("llamacpp_threads", {}).get(target)
     if threads is None:
         return TITLES.get(target, target)
@@ -83,6 +87,47 @@ def peer_lines(run: dict) -> list[str]:
             "llama.cpp's include its HTTP server, the engine's none: Textbot's served rows are below.", "",
             "| streams | engine tok/s (threads) | llama.cpp tok/s (threads) | engine / llama.cpp |",
             "| ---: | ---: | ---: | ---: |", *rows, ""]
+
+
+def wake_lines(run: dict) -> list[str]:
+    """`wake`: each sleeping model's first token from no replica, beside its first token awake."""
+    if not run.get("wake"):
+        return []
+
+    def cached(record: dict) -> str:
+        found = record.get("caches") or {}
+        say = {True: "on disk", False: "absent", None: "unknown"}
+        return f"converted {say[found.get('converted')]}, compiled {say[found.get('compiled')]}"
+
+    rows = [f"| {w['model']} | {w['ttft_ms']} | {w['awake_ttft_ms']} | {w.get('replica_start_ms')} | "
+            f"{w['running_seen_ms']} | {w['tokens']} in {w['total_ms']} | {cached(w)} | {w.get('load_average')} | "
+            f"{'; '.join(w['errors']) or 0} |" for w in run["wake"]]
+    return ["## Waking a sleeping model", "",
+            "Each model that sleeps (autoscaling min_replicas 0): the benchmark waits until it has no replica "
+            "(`GET /v1/models` says `loaded: false`), then sends one request by its name through the OpenAI "
+            "route and times it from sending; then one more, the model awake. The difference is the replica's "
+            "start as a client waits for it (Ray and Serve run already). 'Running seen': when `/v1/models` "
+            "first said `loaded: true`, polled every 0.5 s.", "",
+            "| model | first token from zero, ms | first token awake, ms | difference, ms | running seen, ms "
+            "| tokens in ms | caches before | load average | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |", *rows, ""]
+
+
+def mixed_lines(run: dict) -> list[str]:
+    """`mixed`: streams at once over two models, in turn: the whole and each model's share."""
+    mixed = run.get("mixed")
+    if not mixed:
+        return []
+    rows = [(name, level) for name, level in mixed["models"].items()] + [("both", mixed["all"])]
+    return ["## Two models at once", "",
+            f"{mixed['concurrency']} streams started together, one request each, the models in turn "
+            f"({', '.join(mixed['models'])}), through the OpenAI route; each model awake before. A model's "
+            "aggregate is its tokens over the run's whole time.", "",
+            "| model | streams | TTFT p50 ms | TTFT p95 ms | ITL p95 ms | per-stream tok/s | aggregate tok/s | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *(f"| {name} | {lv['concurrency']} | {lv['ttft_p50_ms']} | {lv['ttft_p95_ms']} | {lv['itl_p95_ms']} | "
+              f"{lv['per_stream_tok_s']} | {lv['aggregate_tok_s']} | {lv['errors']}/{lv['requests']} |"
+              for name, lv in rows), ""]
 
 
 def write_json(path: Path, run: dict) -> None:
@@ -170,6 +215,11 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
         checks.append(("single stream >= 50 tok/s", f"{engine1['per_stream_tok_s']} tok/s",
                        engine1["per_stream_tok_s"] >= 50))
     checks += peer_targets(run, level)
+    for woken in run.get("wake") or []:
+        ttft = woken.get("ttft_ms")
+        checks.append((f"{woken['model']}: first token within {WAKE_TARGET_S} s of asking, from no replica",
+                       f"{ttft / 1000:.1f} s" if ttft is not None else f"no token ({'; '.join(woken['errors'])})",
+                       ttft is not None and ttft <= WAKE_TARGET_S * 1000))
     return checks
 
 
@@ -234,7 +284,9 @@ def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None
         f"request(s) of {s['max_tokens']} new tokens, greedy, from fixed prompts; all clients start together.",
         "Output tokens are counted by re-tokenising each reply with the model's tokenizer, for every target alike.",
         "Inter-token latency: gaps between streamed pieces, spread over the tokens each piece carried.",
-        "Everything below ran side by side in one run on a shared machine: compare ratios, not absolutes.",
+        "Everything below ran side by side in one run on a shared machine: compare ratios, not absolutes."
+        + (f" Load average (1, 5, 15 min) at the start {run['load_average']['start']}, at the end "
+           f"{run['load_average']['end']}." if run.get("load_average") else ""),
         *llamacpp_lines(run),
         "",
         (f"![aggregate throughput and latency]({figure})  (data: [{Path(data).name}]({data}))" if figure
@@ -247,6 +299,8 @@ def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None
         *(f"| {name} | {measured} | {'yes' if met else 'no'} |" for name, measured, met in targets(run)),
         "",
         *peer_lines(run),
+        *wake_lines(run),
+        *mixed_lines(run),
     ]
     for target, levels in run["results"].items():
         lines += [f"## {title(target, run)}", ""]

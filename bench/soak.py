@@ -483,17 +483,12 @@ def kv_budget(args: argparse.Namespace, metrics: dict | None) -> tuple[float | N
 
 
 def deploy_kv_budget() -> tuple[float, str] | None:
-    """The keys and values' memory per replica deploy.yaml gives the textbot application: its KV
-    budget (engine.kv_cache_mb) where it has one, else its prefix cache's (engine.prefix_cache_mb,
-    before the KV budget: running replies' keys and values are not in it)."""
-    from bench.__main__ import textbot_args
+    """The keys and values' memory per replica deploy.yaml gives the textbot application's default
+    model, the one the soak's requests (which name no model) go to: its engine.kv_cache_mb."""
+    from bench.__main__ import deployed
 
-    engine = textbot_args()[0].get("engine") or {}
-    for key, note in (("kv_cache_mb", ""), ("prefix_cache_mb", ": the prefix cache's alone; running replies' "
-                                                               "keys and values are not in it")):
-        if engine.get(key) is not None:
-            return float(engine[key]), f"deploy.yaml's engine.{key}{note} (no ray_textbot_kv_budget_bytes exported)"
-    return None
+    return (float(deployed().default.engine.kv_cache_mb),
+            "deploy.yaml's engine.kv_cache_mb, the default model's (no ray_textbot_kv_budget_bytes exported)")
 
 
 def memory_check(rows: list[dict], app: str, budget_mb: float | None, source: str) -> dict:
@@ -588,28 +583,27 @@ def soak_textbot(args: argparse.Namespace) -> dict:
 def soak_llamacpp(args: argparse.Namespace) -> dict:
     """The same traffic (no tutorial endpoint) against llama-server on the GGUF file deploy.yaml's
     model is, as `python -m bench` starts it, with 8 slots and 16384 tokens of context."""
-    from backend.settings import TextbotSettings
     from bench import llamacpp_build
     from bench.__main__ import (
         LLAMACPP_MISSING,
+        deployed,
         gguf_path,
         llamacpp_binary,
         llamacpp_command,
         llamacpp_context,
         llamacpp_server,
-        textbot_args,
+        torch_threads,
     )
 
-    model_args, replica_cpus = textbot_args()
-    settings = TextbotSettings.model_validate(model_args)
-    server, gguf = llamacpp_binary(), gguf_path(settings.model)
+    model = deployed().default  # the soak's requests name no model: the default's
+    server, gguf = llamacpp_binary(), gguf_path(model.model_settings())
     if server is None:
         raise SystemExit(LLAMACPP_MISSING)
     if gguf is None:
-        raise SystemExit(f"the model ({settings.model.source}) is not a GGUF file, which llama.cpp needs")
-    slots = settings.engine.max_running
+        raise SystemExit(f"the model ({model.source}) is not a GGUF file, which llama.cpp needs")
+    slots = model.engine.max_running
     context = llamacpp_context(slots, 256)
-    threads = args.llamacpp_threads or settings.model.torch_threads or replica_cpus
+    threads = args.llamacpp_threads or torch_threads(model)
     command_for = lambda port: llamacpp_command(server, gguf, port, threads, slots, context)  # noqa: E731
     args.app = "llama-server"  # the process the memory check is about
     with llamacpp_server(command_for) as url:

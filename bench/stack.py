@@ -63,14 +63,15 @@ class LaunchedStack:
     why: str | None = None
 
 
-def launch_command(http_port: int | None, metrics_port: int, ray_port: int) -> list[str]:
+def launch_command(http_port: int | None, metrics_port: int, ray_port: int,
+                   config: Path = ROOT / "deploy.yaml") -> list[str]:
     return [sys.executable, "-m", "backend.launch", *([f"--http-port={http_port}"] if http_port else []),
-            f"--metrics-port={metrics_port}", f"--ray-port={ray_port}", str(ROOT / "deploy.yaml")]
+            f"--metrics-port={metrics_port}", f"--ray-port={ray_port}", str(config)]
 
 
 @contextlib.contextmanager
-def launched_stack(url: str, api_url: str, page_url: str):
-    """deploy.yaml served as `make run` serves it (backend/launch.py: the engine on a CPU of its
+def launched_stack(url: str, api_url: str, page_url: str, config: Path = ROOT / "deploy.yaml"):
+    """deploy.yaml (or `config`) served as `make run` serves it (backend/launch.py: the engine on a CPU of its
     own), HTTP on `url`'s port; the metrics exporter and the GCS on free ports, so that a
     `make run` or another engineer's stack holding the defaults (8080, 6379) does not stop it.
     Yields a LaunchedStack, healthy and settled unless its `why` says otherwise; stopped on leaving."""
@@ -78,7 +79,7 @@ def launched_stack(url: str, api_url: str, page_url: str):
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     # SIGINT back to its default in the child: a shell's background job (`python -m bench &` in a
     # script) starts with SIGINT ignored; the launcher stops its Ray node on the SIGINT below.
-    stack.process = subprocess.Popen(launch_command(stack.http_port, stack.metrics_port, stack.ray_port),
+    stack.process = subprocess.Popen(launch_command(stack.http_port, stack.metrics_port, stack.ray_port, config),
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True,
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

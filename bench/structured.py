@@ -101,14 +101,10 @@ def report(run: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from backend.engine import Engine, load
-    from backend.settings import TextbotSettings
+    from bench.__main__ import deployed
 
-    import yaml
-
-    textbot = next(a for a in yaml.safe_load((ROOT / "deploy.yaml").read_text())["applications"]
-                   if a["name"] == "textbot")
-    settings = TextbotSettings.model_validate(textbot["args"])
-    engine = Engine(load(settings.model), settings.engine, settings.model.torch_threads)
+    model = deployed().default
+    engine = Engine(load(model.model_settings()), model.engine, model.torch_threads)
     greedy = ResolvedSampling(max_new_tokens=args.max_tokens, temperature=0.0, top_p=1.0)
     rounds: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(args.rounds):

@@ -16,7 +16,7 @@ def test_bench_measures_every_path_and_writes_its_report(base_url, tiny_models, 
     (tmp_path / "BENCHMARKS.md").write_text("old table\n" + NOTES_MARKER + notes)
     main(["--model", str(tiny_models["tiny-chat"]), "--url", base_url, "--api-path", "/tiny-chat",
           "--page-path", "/tiny-page", "--no-start", "--concurrency", "1", "2", "--max-tokens", "16",
-          "--out", str(tmp_path)])
+          "--targets", "engine,transformers,http,openai,page,llamacpp", "--out", str(tmp_path)])
 
     run = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
     assert set(run["results"]) == {"engine", "transformers", "http", "openai", "page"}
@@ -33,6 +33,130 @@ def test_bench_measures_every_path_and_writes_its_report(base_url, tiny_models, 
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in markdown and "| 2 |" in markdown and run["machine"]["cpu"] in markdown
     assert "old table" not in markdown and markdown.endswith(notes)
+
+
+def test_bench_measures_each_model_two_at_once_and_one_waking(base_url, serve_config, tmp_path):
+    """Several models behind one application (tests/conftest.py's tiny-sleepy: one awake, one that
+    sleeps), as the benchmark finds them in a Serve config: each by name, both at once, the
+    sleeping one woken from no replica."""
+    import yaml
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(serve_config))
+    main(["--config", str(config), "--app", "tiny-sleepy", "--url", base_url, "--no-start",
+          "--targets", "wake,models,mixed", "--concurrency", "1", "2", "--max-tokens", "8", "--out", str(tmp_path)])
+
+    run = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert run["settings"]["models"] == ["tiny-awake", "tiny-asleep"] and not run["skipped"], run["skipped"]
+    assert set(run["results"]) == {"openai:tiny-awake", "openai:tiny-asleep"}
+    for levels in run["results"].values():
+        assert [(level["concurrency"], level["errors"]) for level in levels] == [(1, 0), (2, 0)]
+    [woken] = run["wake"]
+    assert woken["model"] == "tiny-asleep" and not woken["errors"] and woken["tokens"] > 0
+    assert woken["ttft_ms"] > 0 and woken["awake_ttft_ms"] > 0 and woken["running_seen_ms"] > 0
+    mixed = run["mixed"]
+    assert mixed["assigned"] == ["tiny-awake", "tiny-asleep"] * 4 and mixed["all"]["errors"] == 0
+    assert {name: level["requests"] for name, level in mixed["models"].items()} == {"tiny-awake": 4, "tiny-asleep": 4}
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Waking a sleeping model" in markdown and "## Two models at once" in markdown
+    assert "(d) OpenAI chat completions (SSE), model tiny-asleep" in markdown
+
+
+# Fast checks of the several models' parts, without a stack.
+
+def test_the_benchmark_reads_the_models_of_deploy_yaml():
+    from bench.__main__ import deployed, sleeps, torch_threads
+
+    application = deployed()
+    default, gemma = application.models
+    assert default.served_name == "SmolLM2-135M-Instruct" and gemma.served_name == "gemma-3-270m"
+    assert not sleeps(default) and sleeps(gemma)
+    assert torch_threads(default) == 1 == torch_threads(gemma)
+
+
+def test_the_mixed_run_sends_the_models_in_turn_and_counts_each_with_its_tokenizer():
+    from bench.load import alternate, run_mixed
+
+    assert alternate(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    assert alternate(["a"], 2) == ["a", "a"]
+
+    def streaming(reply: str):
+        async def stream(prompt: str, max_tokens: int):
+            for word in reply.split():
+                yield word + " "
+        return stream
+
+    mixed = asyncio.run(run_mixed({"a": streaming("one two three"), "b": streaming("four five")},
+                                  {"a": lambda text: len(text.split()), "b": lambda text: 10 * len(text.split())},
+                                  3, 16))
+    assert mixed["assigned"] == ["a", "b", "a"]
+    assert {name: (lv["requests"], lv["output_tokens"]) for name, lv in mixed["models"].items()} == {
+        "a": (2, 6), "b": (1, 20)}
+    assert mixed["all"]["requests"] == 3 and mixed["all"]["output_tokens"] == 26 and mixed["all"]["errors"] == 0
+
+
+def test_a_model_is_woken_once_it_has_no_replica_and_timed_to_its_first_token(monkeypatch):
+    """measure_wake against a stand-in API: a model that has a replica, then none, then (once asked) one."""
+    import bench.__main__
+    from bench.__main__ import measure_wake
+    from backend.settings import ServedModel
+
+    monkeypatch.setattr(bench.__main__, "WAKE_POLL_S", (0.01, 0.01))
+    monkeypatch.setattr(bench.__main__, "WAKE_QUIET_S", 0.05)
+
+    state = {"polls": 0, "loaded": True, "asked": 0}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/models":
+            state["polls"] += 1
+            if state["polls"] == 2:  # its replica stops, between the first and second look
+                state["loaded"] = False
+            return httpx.Response(200, json={"data": [{"id": "sleepy", "loaded": state["loaded"]}]})
+        assert json.loads(request.content)["model"] == "sleepy"
+        state["asked"] += 1
+        state["loaded"] = True
+        chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": "Hi there"}}]})
+        return httpx.Response(200, text=f"data: {chunk}\n\ndata: [DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+
+    model = ServedModel(source="/nowhere", name="sleepy", deployment={"autoscaling_config": {
+        "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1}})
+
+    async def wake() -> dict:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await measure_wake("http://stack/api", client, model, lambda text: len(text.split()), 8)
+
+    woken = asyncio.run(wake())
+    assert state["asked"] == 2  # woken, then once more awake
+    assert woken["model"] == "sleepy" and woken["tokens"] == 2 and woken["errors"] == []
+    assert state["polls"] >= 3 and woken["asleep_wait_s"] >= 0  # looked until it had no replica, then while it woke
+    assert woken["ttft_ms"] > 0 and woken["awake_ttft_ms"] > 0
+    assert woken["running_seen_ms"] is not None and "replica_start_ms" in woken
+
+
+def test_the_report_says_how_each_model_woke_and_how_two_shared_the_machine():
+    from bench.report import mixed_lines, targets, title, wake_lines
+
+    level = {"concurrency": 4, "requests": 4, "errors": 0, "ttft_p50_ms": 120.0, "ttft_p95_ms": 150.0,
+             "itl_p95_ms": 40.0, "per_stream_tok_s": 20.0, "aggregate_tok_s": 75.0}
+    run = {"settings": {}, "results": {},
+           "wake": [{"model": "gemma-3-270m", "ttft_ms": 7400.0, "awake_ttft_ms": 90.0, "replica_start_ms": 7310.0,
+                     "running_seen_ms": 7600.0, "tokens": 64, "total_ms": 9100.0, "errors": [],
+                     "caches": {"converted": True, "compiled": True}, "load_average": 1.5},
+                    {"model": "other", "ttft_ms": None, "awake_ttft_ms": None, "running_seen_ms": None, "tokens": 0,
+                     "total_ms": 0.0, "errors": ["HTTPStatusError: 503"], "caches": {}}],
+           "mixed": {"concurrency": 8, "assigned": ["a", "b"] * 4, "models": {"a": level, "b": level},
+                     "all": level | {"concurrency": 8, "requests": 8, "aggregate_tok_s": 150.0}}}
+    wake = "\n".join(wake_lines(run))
+    assert ("| gemma-3-270m | 7400.0 | 90.0 | 7310.0 | 7600.0 | 64 in 9100.0 | converted on disk, compiled on disk "
+            "| 1.5 | 0 |") in wake
+    mixed = "\n".join(mixed_lines(run))
+    assert "| a | 4 | 120.0 | 150.0 | 40.0 | 20.0 | 75.0 | 0/4 |" in mixed and "| both | 8 |" in mixed
+    checks = {name: (measured, met) for name, measured, met in targets(run)}
+    assert checks["gemma-3-270m: first token within 10 s of asking, from no replica"] == ("7.4 s", True)
+    assert checks["other: first token within 10 s of asking, from no replica"][1] is False
+    assert title("openai:gemma-3-270m", run) == "(d) OpenAI chat completions (SSE), model gemma-3-270m"
+    assert wake_lines({"results": {}}) == [] and mixed_lines({"results": {}}) == []
 
 
 # Fast checks of the llama.cpp peer's set-up, without building or starting llama-server.

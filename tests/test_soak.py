@@ -23,7 +23,7 @@ def test_a_short_soak_sends_every_kind_of_traffic_and_reads_the_engines_memory(b
     assert samples[0]["label"] == "start" and samples[-1]["label"] == "end" and len(samples) >= 4
     for sample in samples:
         roles = {p["role"] for p in sample["processes"].values()}
-        assert {"engine (tiny-chat)", "Textbot replica (tiny-chat)", "ingress (tiny-chat)", "Serve proxy",
+        assert {"engine (tiny-chat)", "Textbot replica tiny-chat (tiny-chat)", "ingress (tiny-chat)", "Serve proxy",
                 "raylet", "GCS"} <= roles, roles
         assert sample["total_rss_mb"] > 0
     [engine] = run["check"]["engines"]
@@ -61,7 +61,8 @@ MAKE_RUN = _table(
     (13, 12, "/v/ray/core/src/ray/gcs/gcs_server --session-name=session_2026-12-06_07-25-01_123456_12"),
     (14, 12, "/v/ray/core/src/ray/raylet/raylet --session_dir=/tmp/ray/session_2026-12-06_07-25-01_123456_12 "
              "--dashboard_agent_command=/v/bin/python -u /v/ray/dashboard/agent.py"),
-    (15, 14, "ray::ProxyActor"), (16, 14, "ray::ServeReplica:textbot:Textbot.initialize_and_get_metadata"),
+    (15, 14, "ray::ProxyActor"),
+    (16, 14, "ray::ServeReplica:textbot:Textbot:SmolLM2-135M-Instruct.initialize_and_get_metadata"),
     (17, 14, "ray::ServeReplica:textbot:TextbotAPI"), (18, 11, "/v/bin/python -m backend.engine.process --warm /s 11 {}"),
     (19, 16, "/v/bin/python -m backend.engine.process 62"), (20, 1, "someone else's python -m pytest"),
 )
@@ -70,8 +71,25 @@ MAKE_RUN = _table(
 def test_each_process_of_a_make_run_stack_is_named_by_its_program():
     roles = {pid: processes.role(MAKE_RUN[pid], MAKE_RUN) for pid in range(11, 20)}
     assert roles == {11: "launcher", 12: "ray start", 13: "GCS", 14: "raylet", 15: "Serve proxy",
-                     16: "Textbot replica (textbot)", 17: "ingress (textbot)", 18: "engine (textbot)",
-                     19: "engine (textbot)"}
+                     16: "Textbot replica SmolLM2-135M-Instruct (textbot)", 17: "ingress (textbot)",
+                     18: "engine (textbot)", 19: "engine (textbot)"}
+
+
+def test_a_models_replica_is_named_with_its_model_whatever_its_name_holds():
+    titles = {"ray::ServeReplica:textbot:Textbot:gemma-3-270m": "Textbot replica gemma-3-270m (textbot)",
+              "ray::ServeReplica:duo:Textbot:Qwen2.5-0.5B.handle_request_streaming": "Textbot replica Qwen2.5-0.5B (duo)",
+              "ray::ServeReplica:duo:Textbot:Qwen2.5-0.5B": "Textbot replica Qwen2.5-0.5B (duo)",
+              "ray::ServeReplica:duo:TextbotAPI.handle_request": "ingress (duo)",
+              "ray::ServeReplica:chat:ChatPage": "chat page (chat)",
+              # While a replica starts, its actor's name comes first.
+              "ray::SERVE_REPLICA::textbot#Textbot:gemma-3-270m#jso2t1xe:ServeReplica:textbot:Textbot:gemma-3-270m"
+              ".__init__": "Textbot replica gemma-3-270m (textbot)",
+              "ray::SERVE_REPLICA::chat#ChatPage#bdr98czm:ServeReplica:chat:ChatPage.__init__": "chat page (chat)"}
+    table = _table(*((pid, 1, title) for pid, title in enumerate(titles, 2)))
+    assert [processes.role(table[pid], table) for pid in sorted(table)] == list(titles.values())
+    # An engine started by a model's replica belongs to the replica's application.
+    table[9] = processes.Process(9, 3, "/v/bin/python -m backend.engine.process 3")
+    assert processes.role(table[9], table) == "engine (duo)"
 
 
 def test_the_stack_above_a_listener_is_its_launchers_tree_and_nothing_else():
