@@ -32,6 +32,13 @@ def running_replicas(app: str, model: str) -> int:
     return deployments[deployment_name(model)].replica_states.get("RUNNING", 0)
 
 
+def until_asleep(app: str, model: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while running_replicas(app, model) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running_replicas(app, model) == 0, f"{model} kept its replica {timeout_s} s"
+
+
 def test_models_lists_each_model_with_what_a_client_needs(http):
     listed = http.get("/tiny-duo/v1/models").json()["data"]
     assert [card["id"] for card in listed] == ["tiny-chat", "tiny-gpt2"]  # the default first
@@ -126,7 +133,8 @@ def test_metrics_carry_the_model(http, metrics_url):
 def test_a_sleeping_model_wakes_for_its_first_request_and_sleeps_again(base_url, http):
     """No replica until asked; listing the models does not wake it; its first request waits for
     a replica and gets an ordinary reply; 5 idle seconds later it has none again."""
-    assert running_replicas("tiny-sleepy", "tiny-asleep") == 0
+    # Asleep (another test may have woken it: it sleeps again 5 idle seconds after).
+    until_asleep("tiny-sleepy", "tiny-asleep")
     listed = {card["id"]: card for card in http.get("/tiny-sleepy/v1/models").json()["data"]}
     assert listed["tiny-awake"]["loaded"] is True and listed["tiny-asleep"]["loaded"] is False
     assert running_replicas("tiny-sleepy", "tiny-asleep") == 0, "listing the models woke the sleeping one"
@@ -143,10 +151,7 @@ def test_a_sleeping_model_wakes_for_its_first_request_and_sleeps_again(base_url,
     awake = client.chat.completions.create(model="tiny-awake", messages=HELLO, **GREEDY)
     assert awake.choices[0].message.content == text
 
-    deadline = time.monotonic() + 120
-    while running_replicas("tiny-sleepy", "tiny-asleep") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert running_replicas("tiny-sleepy", "tiny-asleep") == 0, "the idle model kept its replica"
+    until_asleep("tiny-sleepy", "tiny-asleep")
     assert running_replicas("tiny-sleepy", "tiny-awake") == 1
     listed = {card["id"]: card for card in http.get("/tiny-sleepy/v1/models").json()["data"]}
     assert listed["tiny-asleep"]["loaded"] is False
