@@ -475,10 +475,9 @@ async def run(args: argparse.Namespace) -> dict:
                     if target in clients:
                         results[target] = await measure(target, clients[target](), args, count_tokens)
                 if "models" in served:  # each model by name, through the OpenAI route
-                    for model in models:
-                        key = model_key("openai", model.served_name)
-                        results[key] = await measure(key, openai_client(api, client, model=model.served_name), args,
-                                                     counters[model.served_name])
+                    for name in (entry.served_name for entry in models):
+                        key = model_key("openai", name)
+                        results[key] = await measure(key, openai_client(api, client, model=name), args, counters[name])
                 if "mixed" in served and (mixed := await measure_mixed(api, client, models, counters,
                                                                        args.max_tokens, skipped)):
                     several["mixed"] = mixed

@@ -168,7 +168,8 @@ def write_plot(path: Path, run: dict) -> bool:
         axis.set_xlabel("concurrent streams")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    agg.legend(fontsize=8)
+    if agg.get_legend_handles_labels()[0]:  # a run of the wake alone has no lines
+        agg.legend(fontsize=8)
     fig.suptitle(f"Textbot on {run['machine']['cores']} cores, {run['settings']['max_tokens']} tokens per reply, greedy")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
