@@ -196,12 +196,10 @@ class TextbotAPI:
     async def models(self) -> ModelList:
         """Every model, whether loaded or asleep; asking never wakes one (a sleeping model's
         replicas are counted, not called)."""
-        running = await self._replica_counts()
-        names = self.served.names
-        asked = await asyncio.gather(*(self._card(name) for name in names if running.get(name)),
+        awake = await self.loaded_models()
+        asked = await asyncio.gather(*map(self._card, awake),
                                      return_exceptions=True)  # loading, restarting or gone: not loaded
-        cards = {name: card for name, card in zip([n for n in names if running.get(n)], asked)
-                 if isinstance(card, dict)}
+        cards = {name: card for name, card in zip(awake, asked) if isinstance(card, dict)}
         listed = []
         for model in self.settings.models:
             name = model.served_name
