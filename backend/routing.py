@@ -12,11 +12,15 @@ reply) is Textbot.stream_reply's, written once there.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import hashlib
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 from ray.exceptions import RayActorError
+from ray.serve import context as serve_context
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -103,8 +107,8 @@ class RemoteReply:
                  sampling: SamplingParams, strict: bool = False, session: str | None = None,
                  tools: list[ToolSpec] | None = None, truncate: bool = False, param: str = "messages"):
         key = conversation_key(session, prompt)
-        self._response = (handle.options(stream=True, session_id=key)
-                          .stream_reply.remote(prompt, sampling, strict, route, tools, truncate, param))
+        self._response = _own_call(lambda: handle.options(stream=True, session_id=key)
+                                   .stream_reply.remote(prompt, sampling, strict, route, tools, truncate, param))
         self._open = True
         self.dropped = 0
 
@@ -131,6 +135,23 @@ class RemoteReply:
         async for piece in self:
             if piece.text:
                 yield piece.text
+
+
+def _own_call(call):
+    """`call()` (a handle's .remote()) as a request of its own to Serve's router. A call made while
+    serving a request inherits that request's internal id, and the router files its waiting
+    requests by that id, one per id: of two calls from one request that wait together (a
+    completion of two prompts), the second was never routed and its client waited forever
+    (Ray 2.x's request_router.py, _pending_requests_by_id). The request id in the logs stays the
+    client's."""
+
+    def with_fresh_id():
+        current = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=str(uuid.uuid4())))
+        return call()
+
+    return contextvars.copy_context().run(with_fresh_id)
 
 
 class ServedModels:

@@ -462,7 +462,7 @@ async def run(args: argparse.Namespace) -> dict:
             api, page = served_urls(args)
             async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
                 clients = {"http": lambda: text_client(api, client), "openai": lambda: openai_client(api, client),
-                           "page": lambda: page_client(page.rstrip("/") + "/", client)}
+                           "page": lambda: page_client(page.rstrip("/") + "/", client, served_model.name)}
                 if not up:
                     for target in served:
                         skipped.setdefault(target, f"no stack answered at {api}")

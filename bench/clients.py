@@ -111,7 +111,7 @@ def reply_text(output) -> str:
     return next((m["content"] for m in output or () if not (m.get("metadata") or {}).get("title")), "")
 
 
-def page_client(page_url: str, client: httpx.AsyncClient) -> Stream:
+def page_client(page_url: str, client: httpx.AsyncClient, model: str) -> Stream:
     """(e) The chat page, as a browser tab talks to it: each chat is a Gradio session of its
     own (as each tab is) that joins the page's queue for the /chat event
     (POST gradio_api/queue/join) and reads the session's Server-Sent Events
@@ -133,9 +133,9 @@ def page_client(page_url: str, client: httpx.AsyncClient) -> Stream:
     async def stream(prompt: str, max_tokens: int) -> AsyncIterator[str]:
         session = uuid.uuid4().hex[:11]
         # The /chat event's inputs: message, its history (a State: None), system prompt,
-        # temperature, top-p, max new tokens.
+        # temperature, top-p, max new tokens, and the model picker's value.
         joined = await client.post(api + "queue/join", json={
-            "data": [prompt, None, "", GREEDY["temperature"], GREEDY["top_p"], max_tokens],
+            "data": [prompt, None, "", GREEDY["temperature"], GREEDY["top_p"], max_tokens, model],
             "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
         joined.raise_for_status()
         event_id = joined.json()["event_id"]

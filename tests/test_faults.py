@@ -47,9 +47,15 @@ def test_failing_generation_closes_the_websocket_with_1011(base_url):
     assert "failed while generating" in close.reason
 
 
+def replica_actor(app: str):
+    """The application's one model replica, as an actor handle for ray.kill (once a replica
+    killed before is gone from Ray's list of named actors)."""
+    [replica] = wait_for(lambda: len(found := replicas(app)) == 1 and found, 60, f"one replica of {app}")
+    return ray.get_actor(replica["name"], namespace=replica["namespace"])
+
+
 def kill_replica(app: str) -> None:
-    [replica] = replicas(app)
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    ray.kill(replica_actor(app), no_restart=True)
 
 
 def next_request_succeeds(http, app: str, timeout_s: float = 120) -> bool:
@@ -66,10 +72,13 @@ def next_request_succeeds(http, app: str, timeout_s: float = 120) -> bool:
 
 
 async def read_until_failure(open_stream) -> tuple[str, float]:
-    """Open a long stream, kill the replica after the first piece, time the client's terminal error."""
+    """Open a long stream, kill the replica after the first piece, time the client's terminal error.
+    The replica is looked up before the stream opens: asking Serve's controller which replica it is
+    took longer than the whole 4000-token reply on a busy CI machine, which then ended untouched."""
+    victim = replica_actor("tiny-victim")
     async with open_stream() as pieces:
         await anext(pieces)
-        kill_replica("tiny-victim")
+        ray.kill(victim, no_restart=True)
         killed = time.monotonic()
         try:
             async for piece in pieces:

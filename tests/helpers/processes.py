@@ -8,13 +8,20 @@ from pathlib import Path
 
 
 def wait_for(predicate, timeout_s: float, what: str):
+    """`predicate()`'s first truthy result, asked every second. An exception counts as not yet (a
+    server still starting refuses connections), and the last one is told with the timeout, so a
+    predicate that fails for another reason says why rather than only that time ran out."""
     deadline = time.monotonic() + timeout_s
+    last_error = None
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        try:
             if result := predicate():
                 return result
+        except Exception as error:  # noqa: BLE001 - reported below if it never succeeds
+            last_error = error
         time.sleep(1)
-    raise TimeoutError(f"{what}: not within {timeout_s} s")
+    raise TimeoutError(f"{what}: not within {timeout_s} s"
+                       + (f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""))
 
 
 def kill_processes_mentioning(text: str) -> list[str]:
