@@ -112,7 +112,7 @@ def test_converted_copy_is_found_by_content_not_path(tmp_path):
 
 def test_converted_copy_loads_without_transformers_modelling_code(base_url):
     """A restart loads the default model's converted copy into the engine's own Llama module
-    (backend/engine/llama.py) and its tokenizer directly: transformers' modelling code, whose
+    (backend/engine/modules.py) and its tokenizer directly: transformers' modelling code, whose
     import was 1.3 s of each engine process's start, stays unimported; so does torch's compiler (the
     compiled decode step loads through torch's C++ loader)."""
     import subprocess
@@ -124,10 +124,10 @@ def test_converted_copy_loads_without_transformers_modelling_code(base_url):
     script = f"""
 import sys
 from backend.engine.loading import load
-from backend.engine.llama import LlamaForCausalLM
+from backend.engine.modules import CausalLM
 from backend.settings import ModelSettings
 loaded = load(ModelSettings.model_validate_json({settings!r}))
-assert isinstance(loaded.model, LlamaForCausalLM), type(loaded.model)
+assert isinstance(loaded.model, CausalLM), type(loaded.model)
 heavy = [name for name in ("transformers.modeling_utils", "torch._dynamo", "torch._inductor", "fastapi") if name in sys.modules]
 assert not heavy, heavy
 print("ok")

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from backend.engine import Engine, families, slots
+from backend.engine import Engine, families, modules, slots
 from backend.engine.loading import load
 from backend.engine.quant import Int4Linear
 from backend.protocol import ChatMessage, ResolvedSampling
@@ -85,6 +85,32 @@ def test_the_engine_replies_greedily_as_transformers_generate_does(family_model)
         expected = loaded.model.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
                                          pad_token_id=0)[0, prompt.shape[1]:]
     assert text and text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["llama", *FAMILIES])
+def test_the_engines_own_modules_hold_each_family_as_transformers_model_does(family, tmp_path):
+    """A converted copy loads into modules.py's plain modules, not transformers' model: the same
+    parameter names (so the saved state dict fits, biases and norms where the family has them),
+    and the same logits through the slot path, read whole and stepped."""
+    source = (tiny_models.build_tiny_chat_model(tmp_path) if family == "llama"
+              else tiny_models.build_tiny_family(tmp_path, family))
+    theirs = load(ModelSettings(source=str(source), quantization="none")).model
+    state = theirs.state_dict()
+    config = modules.read_config(source)
+    assert modules.supports(config)
+    ours = modules.empty_model(source, config, torch.float32, list(state))
+    ours.load_state_dict(state, assign=True)  # strict: every name on both sides
+    assert slots.why_not(ours) is None
+    prompt = list(range(5, 30))  # longer than the sliding windows (8)
+    with torch.inference_mode():
+        logits = []
+        for model in (theirs, ours):
+            kv = slots.KV(model, 1, capacity=4)
+            read = slots.forward(model, kv, torch.tensor([prompt]), torch.arange(len(prompt))[None])
+            stepped = slots.forward(model, kv, torch.tensor([[7]]), torch.tensor([[len(prompt)]]))
+            logits.append((read, stepped))
+    for mine, reference in zip(logits[1], logits[0]):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_an_unknown_family_says_why_it_runs_through_transformers():

@@ -142,22 +142,22 @@ def test_slot_path_decodes_with_bfloat16_activations(tiny_models, quantization):
 
 
 def test_engine_llama_module_gives_hugging_face_logits(tiny_models):
-    """backend/engine/llama.py, the module a converted copy loads into, is Llama as transformers
+    """backend/engine/modules.py, the modules a converted copy loads into, is Llama as transformers
     computes it: same state dict names, same logits (both through the slot path and against
-    transformers' own forward)."""
+    transformers' own forward). Rotary scaling is left to transformers."""
     import safetensors.torch
     from transformers import LlamaForCausalLM
 
-    from backend.engine import llama
+    from backend.engine import modules
 
     folder = tiny_models["tiny-chat"]
     reference = LlamaForCausalLM.from_pretrained(folder).eval()
-    config = llama.read_config(folder)
-    assert llama.supports(config)
+    config = modules.read_config(folder)
+    assert modules.supports(config)
     yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
-    assert not llama.supports(config | {"rope_parameters": yarn})
-    assert not llama.supports(config | {"rope_scaling": yarn})
-    own = llama.empty_model(folder, config, torch.float32)
+    assert not modules.supports(config | {"rope_parameters": yarn})
+    assert not modules.supports(config | {"rope_scaling": yarn})
+    own = modules.empty_model(folder, config, torch.float32, list(reference.state_dict()))
     assert own.state_dict().keys() == reference.state_dict().keys()
     own.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"), assign=True)
     assert own.generation_config.eos_token_id == reference.generation_config.eos_token_id

@@ -124,7 +124,7 @@ def build_tiny_family(folder: Path, family: str) -> Path:
     elif family == "gemma3":
         kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
         model = Gemma3ForCausalLM(Gemma3TextConfig(
-            **shape | {"num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+            **shape | {"num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
             layer_types=kinds, tie_word_embeddings=True))
     else:
         raise ValueError(family)

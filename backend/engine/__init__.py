@@ -2,7 +2,7 @@
 
     location.py     where the configured model is (no torch: the application builder checks it)
     loading.py      loading the model (quantised or not), the converted-weights cache
-    llama.py        the Llama architecture as plain torch modules, which a converted copy loads into
+    modules.py      every family's weights as plain torch modules, which a converted copy loads into
     quant.py        weight-only quantised linear layers on torch's CPU kernels (and a bfloat16 output layer)
     gguf_blocks.py  a GGUF file's 4-bit weights as stored, for the int4 kernel
     prompt.py       a conversation -> prompt tokens

@@ -13,7 +13,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from backend.engine import llama, slots
+from backend.engine import modules, slots
 from backend.engine.location import ModelLoadError, ModelLocation, converted_cache, locate
 from backend.engine.quant import Q8_EMBEDDING, Q8Embedding, quantize_model, tie_to_q8_embedding, use_q8_embedding
 from backend.settings import ModelSettings
@@ -36,8 +36,8 @@ class LoadedModel:
 def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedModel:
     """The model as the engine runs it: quantised as `model.quantization` says. A GGUF model's
     converted form is cached on disk, so only its first start pays for the conversion, and
-    a Llama model's copy loads into the engine's own modules (`llama.py`: no import of
-    transformers' modelling code). `transformers_model`: a transformers model object
+    the copy of a model of a family the engine runs loads into the engine's own modules
+    (`modules.py`: no import of transformers' modelling code). `transformers_model`: a transformers model object
     instead (for `generate`, as the benchmark's baseline calls it)."""
     location = locate(settings)
     started = time.monotonic()
@@ -51,7 +51,7 @@ def load(settings: ModelSettings, transformers_model: bool = False) -> LoadedMod
                      " (converting a GGUF file takes a while; later starts use a cache)" if cache else "")
             tokenizer, model = _load_source(location, settings)
             if (cache and _save_converted(model, tokenizer, cache) and not transformers_model
-                    and llama.supports(llama.read_config(cache))):
+                    and modules.supports(modules.read_config(cache))):
                 # Run the engine's own modules, as later starts will, from the first start on
                 # (other architectures load as transformers' model either way: kept as it is).
                 del model
@@ -117,8 +117,9 @@ def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bo
     tensors as they are (no conversion, no random initialisation of weights to overwrite)."""
     tokenizer = _load_tokenizer(cache)
     dtype = getattr(torch, settings.dtype)
-    if llama.supports(config := llama.read_config(cache)) and not transformers_model:
-        model = llama.empty_model(cache, config, dtype)
+    if modules.supports(config := modules.read_config(cache)) and not transformers_model:
+        with safetensors.safe_open(cache / _WEIGHTS, "pt") as saved:
+            model = modules.empty_model(cache, config, dtype, list(saved.keys()))
     else:
         import accelerate
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -148,17 +149,29 @@ def _load_converted(cache: Path, settings: ModelSettings, transformers_model: bo
     return tokenizer, model.eval()
 
 
+# tokenizer_config.json keys that say how the file was written, not how the tokenizer behaves.
+_TOKENIZER_FILE_KEYS = {"tokenizer_class", "backend", "is_local", "local_files_only", "auto_map", "added_tokens_decoder"}
+
+
 def _load_tokenizer(folder: Path):
-    """The tokenizer we saved with a converted copy: its tokenizer.json as a fast tokenizer.
-    Directly, not through AutoTokenizer, whose class lookup alone took 1.4 s of a start
-    (it imports transformers' modelling machinery)."""
+    """The tokenizer we saved with a converted copy: its tokenizer.json, read once, as a fast
+    tokenizer with tokenizer_config.json's settings. Not through AutoTokenizer or from_pretrained:
+    for Gemma's 33 MB tokenizer.json they cost 4.8 s of a sleeping model's wake, where reading
+    the file costs 1.2 s. They import the family's tokenizer class and parse the file four
+    more times in Python's json (2.0 s), and a class such as GemmaTokenizer converts it
+    again (1.7 s). The saved tokenizer.json already holds what those classes add (their
+    normaliser, pre-tokeniser and BOS post-processor), so the ids are the same
+    (tests/test_tokenizer_loading.py)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    config = folder / "tokenizer_config.json"
-    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    config_file, tokenizer_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("backend", "tokenizers") != "tokenizers" or not tokenizer_file.is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    settings = {key: value for key, value in config.items() if key not in _TOKENIZER_FILE_KEYS}
+    if (template := folder / "chat_template.jinja").is_file():
+        settings["chat_template"] = template.read_text()
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), name_or_path=str(folder), **settings)
 
 
 class VocabProjection(torch.nn.Module):

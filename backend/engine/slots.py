@@ -40,7 +40,7 @@ from backend.engine.quant import ONEDNN_BF16, Bf16Linear, fuse
 
 
 def config_dict(config) -> dict:
-    """A model's config as a dict: transformers' config object, or `llama.py`'s namespace."""
+    """A model's config as a dict: transformers' config object, or `modules.py`'s namespace."""
     return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
 
 

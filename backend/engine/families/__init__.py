@@ -1,6 +1,6 @@
 """Model families on the engine's shared transformer (`transformer.py`): each family is its differences.
 
-The transformer runs Hugging Face's module tree (transformers' own model, or `llama.py`'s
+The transformer runs Hugging Face's module tree (transformers' own model, or `modules.py`'s
 lean copy of it) over the slot cache, the prefix cache and the compiled decode step. What a
 family changes is said in one small file beside this one, as a `Family`: which norms sit where,
 how they scale, the MLP's activation, whether queries and keys are normalised per head, and
@@ -37,6 +37,7 @@ class Family:
     mlp_out_norm: str | None = None  # on the MLP's output, before the residual add
     norm_offset: float = 0.0  # norms scale by (offset + weight): Gemma stores weight - 1
     qk_norm: bool = False  # queries and keys normalised per head (q_norm, k_norm) before rotary
+    scaled_embedding: bool = False  # embeddings multiplied by the square root of the width (Gemma)
     activation_key: str = "hidden_act"  # the config key naming the MLP's gate activation
     # Every layer sees a sliding window (Mistral), rather than the layers `layer_types` names.
     window_everywhere: bool = False
