@@ -36,6 +36,15 @@ def page(browser) -> Page:
     page.close()
 
 
+def open_page(page: Page, url: str) -> None:
+    """Open the chat page and wait until it has loaded: its model picker filled by the page's
+    load event. A message sent while that event's stream was closing never came back (a CI run:
+    the reply was written, the browser got none of it), so the tests send once the page is
+    ready, as a person would."""
+    page.goto(url)
+    expect(picker(page)).not_to_have_value("", timeout=60_000)
+
+
 def send(page: Page, message: str) -> None:
     page.get_by_test_id("textbox").fill(message)
     page.get_by_test_id("submit-button").click()
@@ -77,7 +86,7 @@ def normalised(text: str) -> str:
 
 
 def test_reply_grows_in_the_page_and_stop_ends_it(page, base_url):
-    page.goto(f"{base_url}/")
+    open_page(page, f"{base_url}/")
     send(page, "Write a long story about a fox who learns to sail across the ocean.")
     page.get_by_test_id("stop-button").wait_for(state="visible", timeout=30_000)
 
@@ -101,7 +110,7 @@ def test_reply_grows_in_the_page_and_stop_ends_it(page, base_url):
 
 def test_second_turn_sees_the_first(page, base_url, http):
     first, second = "My name is Ada and I love sailing.", "What is my name?"
-    page.goto(f"{base_url}/greedy-page/")
+    open_page(page, f"{base_url}/greedy-page/")
     send(page, first)
     wait_for_reply_to_finish(page, turn=1)
     send(page, second)
@@ -126,7 +135,7 @@ def test_second_turn_sees_the_first(page, base_url, http):
 
 
 def test_long_conversation_is_trimmed_and_the_user_told(page, base_url):
-    page.goto(f"{base_url}/gpt2-page/")
+    open_page(page, f"{base_url}/gpt2-page/")
     for turn in range(1, 5):
         send(page, f"Turn {turn}: " + "tell me about the robot who sails the sea " * 5)
         wait_for_reply_to_finish(page, turn=turn)
@@ -135,7 +144,7 @@ def test_long_conversation_is_trimmed_and_the_user_told(page, base_url):
 
 
 def test_figures_appear_under_each_finished_reply(page, base_url):
-    page.goto(f"{base_url}/tiny-page/")
+    open_page(page, f"{base_url}/tiny-page/")
     for turn, message in enumerate(["Hello there", "Tell me more"], start=1):
         send(page, message)
         wait_for_reply_to_finish(page, turn=turn)
@@ -151,7 +160,7 @@ def test_figures_appear_under_each_finished_reply(page, base_url):
 
 
 def test_edited_message_reruns(page, base_url, http):
-    page.goto(f"{base_url}/tiny-page/")
+    open_page(page, f"{base_url}/tiny-page/")
     send(page, "Hello there")
     wait_for_reply_to_finish(page, turn=1)
     first = bot_text(page)
@@ -184,7 +193,7 @@ def replica_actor(app: str):
 
 def test_conversation_survives_a_reload_and_a_restart_of_the_page(page, base_url):
     url, message = f"{base_url}/tiny-page/", f"Lighthouse {time.time_ns() % 10**6}"  # short: the history list cuts long titles
-    page.goto(url)
+    open_page(page, url)
     send(page, message)
     wait_for_reply_to_finish(page, turn=1)
     figures(page).first.wait_for(timeout=30_000)
@@ -195,7 +204,7 @@ def test_conversation_survives_a_reload_and_a_restart_of_the_page(page, base_url
     saved.wait_for(timeout=60_000)
 
     def reopened() -> None:
-        page.goto(url)
+        open_page(page, url)
         saved.wait_for(timeout=60_000)
         saved.first.click()
         page.get_by_test_id("user").filter(has_text=message).wait_for(timeout=30_000)
@@ -233,7 +242,7 @@ def feedback_count(metrics_url: str, app: str, value: str) -> float:
 
 def test_a_like_is_counted_and_logged_with_the_replys_request_id(page, base_url, metrics_url, serve_logs):
     before = feedback_count(metrics_url, "tiny-page", "like")
-    page.goto(f"{base_url}/tiny-page/")
+    open_page(page, f"{base_url}/tiny-page/")
     send(page, "Hello there")
     wait_for_reply_to_finish(page, turn=1)
     figures(page).first.wait_for(timeout=30_000)

@@ -165,19 +165,46 @@ def unserved_model(asked: str, served) -> str:
     return f"The model {asked!r} is not served here; pick one of {', '.join(served)}."
 
 
-async def answering_model(backend: Backend, asked: str | None) -> str:
-    """The served model a message goes to: the one picked, else the default. A model that is
-    asleep answers too, after it starts: the user is told why the first token is slow."""
+class ServedNames:
+    """The served models' names as the page last heard them (the default first): asked of the
+    backend once, and again only for a name it did not list. Not before every reply: that
+    round trip sat in front of every first token (docs/BENCHMARKS.md, issue 30)."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.names = backend, []
+
+    async def answering(self, asked: str | None) -> str:
+        """The served model a message goes to: the one picked, else the default."""
+        if not self.names or (asked and asked not in self.names):
+            try:
+                self.names = list(await self.backend.models())
+            except Exception as error:  # the backend unreachable: no model can answer either
+                raise gr.Error(f"The model could not answer: {reason(error)}") from error
+        name = asked or self.names[0]
+        if not isinstance(name, str) or name not in self.names:  # a typed value, or an API caller's
+            raise gr.Error(unserved_model(name, self.names))
+        return name
+
+
+# A reply with no text this long after sending asks whether its model is asleep (its replica
+# starting), to say so: a model that is up answers sooner, so it is never asked for.
+LOADING_CHECK_AFTER_S = 0.5
+
+
+async def say_if_loading(backend: Backend, model: str, answered: asyncio.Event) -> None:
+    """Tell the user that `model` is loading, if the reply has not begun within
+    LOADING_CHECK_AFTER_S and the backend says no replica of it runs."""
     try:
-        served = await backend.models()
-    except Exception as error:  # the backend unreachable: no model can answer either
-        raise gr.Error(f"The model could not answer: {reason(error)}") from error
-    name = asked or next(iter(served))
-    if not isinstance(name, str) or name not in served:  # a typed value, or an API caller's
-        raise gr.Error(unserved_model(name, served))
-    if not served[name]:
-        gr.Info(loading_notice(name))
-    return name
+        await asyncio.wait_for(answered.wait(), LOADING_CHECK_AFTER_S)
+        return
+    except TimeoutError:
+        pass
+    try:
+        loaded = (await backend.models()).get(model, True)
+    except Exception:  # noqa: BLE001 - only a hint; the reply itself says what went wrong
+        return
+    if not loaded and not answered.is_set():
+        gr.Info(loading_notice(model))
 
 
 def figures_id(request_id: str | None, model: str) -> str:
@@ -204,14 +231,19 @@ def conversation_model(conversation: list[dict]) -> str | None:
 
 def make_chat_fn(backend: Backend, update_interval_s: float = UPDATE_INTERVAL_S):
     # `model` last and optional: API callers that predate the model picker still get the default.
+    served = ServedNames(backend)
+
     async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens, model=None):
         if not text_of(message).strip():
             raise gr.Error("Type a message first.")
-        name = await answering_model(backend, model)
+        name = await served.answering(model)
         sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": int(max_new_tokens)}
         reply, usage = "", None
         started = time.monotonic()
         first_at = None
+        answered = asyncio.Event()
+        # A task of this event's, so its notice reaches this chat (it copies the event's context).
+        loading_check = asyncio.create_task(say_if_loading(backend, name, answered))
         try:
             messages = to_messages(message, history, system_prompt)
             pieces = backend.stream(messages, sampling, gr.Warning, browser_session(), name)
@@ -220,12 +252,16 @@ def make_chat_fn(backend: Backend, update_interval_s: float = UPDATE_INTERVAL_S)
                 usage = next((item for item in batch if isinstance(item, Usage)), usage)
                 if text:
                     first_at = first_at or time.monotonic()
+                    answered.set()
                     reply += text
                     yield reply
         except gr.Error:
             raise
         except Exception as error:  # the backend's reason, shown in the page
             raise gr.Error(f"The model could not answer: {reason(error)}") from error
+        finally:
+            answered.set()
+            loading_check.cancel()
         if usage is not None:
             # The finished reply, then a note under it with its figures: Gradio's message
             # metadata, so it renders as a small closed box, not as the model's words.
