@@ -62,8 +62,9 @@ SessionHeader = Annotated[str | None, Header(
 # The Ray Serve tutorial's WebSocket protocol: this frame ends each reply.
 END_OF_REPLY = "<<Response Finished>>"
 
-# How long the ingress reuses what Serve's controller said of each model's running replicas.
 log = logging.getLogger("ray.serve")
+
+# How long the ingress reuses what Serve's controller said of each model's running replicas.
 REPLICA_COUNT_TTL_S = 1.0
 # A count this old is still answered at once (while a newer one is fetched); an older one waits.
 REPLICA_COUNT_STALE_S = 5.0
@@ -281,11 +282,12 @@ class TextbotAPI:
         return served
 
     async def _replica_counts(self) -> dict[str, int]:
-        """`_running_replicas`, asked of the controller at most once a second, and never waited for
-        once known: the chat page asks before every reply (is the model loading?), and a second's
-        staleness tells it nothing wrong (a replica takes longer than that to start). Measured: 8
-        chats starting at once each waited for a `serve.status()` of their own under load, and
-        the page's time to first token was 2.1x the API's."""
+        """`_running_replicas`, asked of the controller at most once a second, one fetch at a time,
+        and not waited for while the last count is under REPLICA_COUNT_STALE_S old: callers are
+        /v1/models and the chat page (is a slow reply's model loading?), and a second's staleness
+        tells them nothing wrong (a replica takes longer than that to start). Measured when the page
+        asked before every reply: 8 chats starting at once each waited for a `serve.status()` of
+        their own, and the page's time to first token was 2.1x the API's."""
         age = time.monotonic() - self._counted[0] if self._counted else float("inf")
         if age > REPLICA_COUNT_TTL_S and (self._counting is None or self._counting.done()):
             self._counting = asyncio.create_task(self._count_replicas())
