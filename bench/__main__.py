@@ -271,8 +271,9 @@ async def measure(name: str, stream, args, count_tokens) -> list[dict]:
     return levels
 
 
-def sleeps(model) -> bool:
-    """Whether a model (a ServedModel) sleeps: Serve may scale it to no replica (min_replicas 0)."""
+def may_sleep(model) -> bool:
+    """Whether Serve may scale a model (a ServedModel) to no replica (min_replicas 0), even one that
+    starts with a replica: unlike ServedModel.sleeps (no replica from the start), what `wake` times."""
     return (model.deployment.autoscaling_config or {}).get("min_replicas", 1) == 0
 
 
@@ -382,7 +383,7 @@ def token_counters(models) -> dict:
 async def measure_wakes(api: str, client: httpx.AsyncClient, models, counters: dict, max_tokens: int,
                         skipped: dict) -> list[dict]:
     """`wake`: each sleeping model woken from no replica (measure_wake)."""
-    asleep = [model for model in models if sleeps(model)]
+    asleep = [model for model in models if may_sleep(model)]
     if not asleep:
         skipped["wake"] = "no model of the application sleeps (autoscaling_config.min_replicas 0)"
     woken = []

@@ -65,12 +65,12 @@ def test_bench_measures_each_model_two_at_once_and_one_waking(base_url, serve_co
 # Fast checks of the several models' parts, without a stack.
 
 def test_the_benchmark_reads_the_models_of_deploy_yaml():
-    from bench.__main__ import deployed, sleeps, torch_threads
+    from bench.__main__ import deployed, may_sleep, torch_threads
 
     application = deployed()
     default, gemma = application.models
     assert default.served_name == "SmolLM2-135M-Instruct" and gemma.served_name == "gemma-3-270m"
-    assert not sleeps(default) and sleeps(gemma)
+    assert not may_sleep(default) and may_sleep(gemma)
     assert torch_threads(default) == 1 == torch_threads(gemma)
 
 
