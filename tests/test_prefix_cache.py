@@ -30,7 +30,7 @@ def loaded(request, tiny_models, tmp_path_factory):
         source = builders.build_plain_llama(tmp_path_factory.mktemp("models") / "plain-llama")
     elif request.param in ("qwen2", "qwen3", "gemma3", "mistral"):
         # Float weights: a random model's near-tied logits would otherwise flip between a prompt read
-        # through the bfloat16 copies and the same tokens decoded on the int4 codes, cache or not.
+        # whole and the same tokens read in other pieces (its cached prefix, then the rest).
         source = builders.build_tiny_family(tmp_path_factory.mktemp("models") / request.param, request.param)
         return model.load(ModelSettings(source=str(source), quantization="none"))
     else:
