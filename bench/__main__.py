@@ -5,8 +5,16 @@ continuous batching: `make bench` builds it, see bench/llamacpp_build.py) and wr
 docs/BENCHMARKS.md with the results.
 
 The model is deploy.yaml's default (the textbot application's first model) unless --model
-names another source; the in-process and llama.cpp targets use it, the served targets
-whatever the stack at --url serves.
+names another source; the in-process targets use it, the served targets whatever the stack
+at --url serves. llama.cpp's runs on it too, and without --model on each of the application's
+other models that is a GGUF file as well, side by side with `models` on the same file.
+
+Result keys: a target's name (`engine`, `openai`, ...) for the benchmark's model; `<target>:<model>`
+(model_key) for one of several models by its served name: `openai:gemma-3-270m` from `models`,
+`llamacpp:gemma-3-270m` and `llamacpp-2t:gemma-3-270m` from llama-server on that model's file
+(one key per thread count, llamacpp_runs). The benchmark's own model keeps `llamacpp` and
+`llamacpp-<n>t`, as before several models. A model llama.cpp cannot run (not a GGUF file) is in
+`skipped` under its `llamacpp:<model>` key, with the reason.
 
 Several models (issue 30): `models` measures each of the application's models through the
 OpenAI route by name (`model`), at each concurrency; `mixed` sends 8 streams at once over its
@@ -38,6 +46,7 @@ from pathlib import Path
 import httpx
 
 from bench import report, stack
+from bench.report import model_key
 from bench.clients import completions_client, engine_client, openai_client, page_client, text_client, transformers_client
 from bench.load import PROMPTS, run_level, run_mixed, run_one
 
@@ -136,9 +145,10 @@ LLAMACPP_MISSING = ("llama.cpp's llama-server is not built: `make bench` builds 
 
 
 def llamacpp_runs(requested: list[int] | None, textbot_threads: int) -> dict[str, int]:
-    """Result name -> llama.cpp threads. By default `llamacpp` has the torch threads of a
+    """Run name -> llama.cpp threads. By default `llamacpp` has the torch threads of a
     Textbot model replica (its CPUs in deploy.yaml), like for like; `llamacpp-<n>t` then has
-    every core. The first of --llamacpp-threads otherwise."""
+    every core. The first of --llamacpp-threads otherwise. Every model gets the same runs, so
+    its rows line up with the others'."""
     threads = requested or [textbot_threads, os.cpu_count() or 1]
     return {("llamacpp" if n == threads[0] else f"llamacpp-{n}t"): n for n in dict.fromkeys(threads)}
 
@@ -231,29 +241,61 @@ def llamacpp_stream(url: str, client: httpx.AsyncClient, tokenizer):
     return completions_client(url, client, encode), "/v1/completions"
 
 
-async def measure_llamacpp(args, model_settings, textbot_threads: int, slots: int, tokenizer, count_tokens,
-                           results: dict, skipped: dict) -> dict:
-    """The llama-server runs (one per thread count), and what the report says of them."""
+def model_runs(runs: dict[str, int], name: str | None) -> dict[str, int]:
+    """One model's llama-server runs by result key: the run names themselves for the benchmark's
+    own model (`name` None), as before several models; model_key(run, name) for any other."""
+    return {(model_key(run, name) if name else run): threads for run, threads in runs.items()}
+
+
+async def measure_llamacpp_models(args, models, textbot_threads: int, tokenizer, results: dict,
+                                  skipped: dict) -> dict:
+    """`llamacpp`: llama-server on each model's GGUF file (measure_llamacpp), the first model (the
+    benchmark's, whose tokenizer is `tokenizer`) under the run names themselves, each other one
+    under model_key(run, its name). What the report says of them: the runs' threads, the binary
+    and its version (shared), and per model its file and flags."""
     from bench import llamacpp_build
 
     runs = llamacpp_runs(args.llamacpp_threads, textbot_threads)
-    context = llamacpp_context(slots, args.max_tokens)
-    peer = {"threads": runs, "slots": slots, "context": context, "flags": llamacpp_flags("N", slots, context)}
-    gguf, server = gguf_path(model_settings), llamacpp_binary()
+    server = llamacpp_binary()
     if server is None:
         skipped["llamacpp"] = LLAMACPP_MISSING
-    elif gguf is None:
-        skipped["llamacpp"] = f"the model ({model_settings.source}) is not a GGUF file, which llama.cpp needs"
-    else:
-        peer |= {"binary": str(server), "version": llamacpp_build.version_line(server), "gguf": str(gguf)}
-        for name, threads in runs.items():
-            try:
-                with llamacpp_server(lambda port: llamacpp_command(server, gguf, port, threads, slots, context)) as url:
-                    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-                        stream, peer["endpoint"] = llamacpp_stream(url, client, tokenizer)
-                        results[name] = await measure(name, stream, args, count_tokens)
-            except RuntimeError as error:
-                skipped[name] = str(error)
+        return {"threads": runs}
+    measured = {}
+    for index, model in enumerate(models):
+        own = index == 0
+        if peer := await measure_llamacpp(args, model, server, model_runs(runs, None if own else model.served_name),
+                                          tokenizer if own else None, results, skipped):
+            measured[model.served_name] = peer
+    return {"threads": runs, "binary": str(server), "version": llamacpp_build.version_line(server),
+            "models": measured}
+
+
+async def measure_llamacpp(args, model, server: Path, runs: dict[str, int], tokenizer, results: dict,
+                           skipped: dict) -> dict | None:
+    """One model's llama-server runs on its GGUF file, one per thread count (`runs`: result key ->
+    threads), with as many slots as its replica's engine.max_running; its tokenizer (loaded when
+    `tokenizer` is None) counts the tokens. What the report says of them, or None, the reason in
+    `skipped`, for a model that is not one GGUF file."""
+    model_settings = model.model_settings()
+    gguf = gguf_path(model_settings)
+    if gguf is None:  # under its first run's key: the reason holds for all of them
+        skipped[next(iter(runs))] = f"the model ({model.source}) is not a GGUF file, which llama.cpp needs"
+        return None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_settings)
+    count_tokens = token_counter(tokenizer)
+    slots = model.engine.max_running
+    context = llamacpp_context(slots, args.max_tokens)
+    peer = {"source": model.source, "gguf": str(gguf), "slots": slots, "context": context,
+            "flags": llamacpp_flags("N", slots, context), "results": list(runs)}
+    for key, threads in runs.items():
+        try:
+            with llamacpp_server(lambda port: llamacpp_command(server, gguf, port, threads, slots, context)) as url:
+                async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+                    stream, peer["endpoint"] = llamacpp_stream(url, client, tokenizer)
+                    results[key] = await measure(key, stream, args, count_tokens)
+        except RuntimeError as error:
+            skipped[key] = str(error)
     return peer
 
 
@@ -365,19 +407,14 @@ async def measure_wake(api: str, client: httpx.AsyncClient, model, count_tokens,
     return record
 
 
-def model_key(target: str, name: str) -> str:
-    """A per-model result's name: `openai:gemma-3-270m`."""
-    return f"{target}:{name}"
+def token_counter(tokenizer):
+    """A function counting the tokens of a text with `tokenizer`, as every target's replies are counted."""
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def token_counters(models) -> dict:
     """Model name -> a function counting the tokens of a text with that model's tokenizer."""
-    counters = {}
-    for model in models:
-        tokenizer = load_tokenizer(model.model_settings())
-        counters[model.served_name] = (lambda text, tokenizer=tokenizer:
-                                       len(tokenizer.encode(text, add_special_tokens=False)))
-    return counters
+    return {model.served_name: token_counter(load_tokenizer(model.model_settings())) for model in models}
 
 
 async def measure_wakes(api: str, client: httpx.AsyncClient, models, counters: dict, max_tokens: int,
@@ -441,7 +478,7 @@ async def run(args: argparse.Namespace) -> dict:
     # The model itself only for the in-process targets; the others need its tokenizer alone.
     loaded = model.load(served_model.model_settings()) if {"engine", "transformers"} & set(args.targets) else None
     tokenizer = loaded.tokenizer if loaded else load_tokenizer(served_model.model_settings())
-    count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    count_tokens = token_counter(tokenizer)
     results: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
 
@@ -484,8 +521,8 @@ async def run(args: argparse.Namespace) -> dict:
                     several["mixed"] = mixed
     peer = {}
     if "llamacpp" in args.targets:
-        peer = await measure_llamacpp(args, served_model.model_settings(), threads, served_model.engine.max_running,
-                                      tokenizer, count_tokens, results, skipped)
+        # settings.models: the --model alone, else the application's, its default (served_model) first.
+        peer = await measure_llamacpp_models(args, settings.models, threads, tokenizer, results, skipped)
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -56,15 +56,22 @@ def machine() -> dict:
             "transformers": transformers.__version__, "platform": platform.platform()}
 
 
+def model_key(target: str, name: str) -> str:
+    """A per-model result's name: `openai:gemma-3-270m`, `llamacpp-2t:gemma-3-270m`."""
+    return f"{target}:{name}"
+
+
 def title(target: str, run: dict) -> str:
-    if ":" in target:  # one model of several, by name (`python -m bench --targets models`)
-        route, model = target.split(":", 1)
-        return f"{TITLES.get(route, route)}, model {model}"
-    threads = run["settings"].get("llamacpp_threads", {}).get(target)
+    # `<run>:<model>`: one model of several, by name (model_key); a llama-server run's threads are
+    # the same for every model.
+    route, _, model = target.partition(":")
+    threads = run["settings"].get("llamacpp_threads", {}).get(route)
     if threads is None:
-        return TITLES.get(target, target)
-    like = ", as a Textbot model replica" if threads == run["settings"].get("textbot_threads") else ""
-    return f"{TITLES['llamacpp']}, {threads} thread{'s' if threads > 1 else ''}{like}"
+        name = TITLES.get(route, route)
+    else:
+        like = ", as a Textbot model replica" if threads == run["settings"].get("textbot_threads") else ""
+        name = f"{TITLES['llamacpp']}, {threads} thread{'s' if threads > 1 else ''}{like}"
+    return f"{name}, model {model}" if model else name
 
 
 def peer_lines(run: dict) -> list[str]:
@@ -224,14 +231,27 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
     return checks
 
 
+def llamacpp_models(run: dict) -> dict[str, dict]:
+    """Served model name -> its llama-server's file, flags and result keys (bench's measure_llamacpp)."""
+    return (run["settings"].get("llamacpp_server") or {}).get("models") or {}
+
+
 def peer_targets(run: dict, level) -> list[tuple[str, str, bool]]:
     """Issue 28's targets against llama.cpp's own llama-server (8 slots, continuous batching) on the
-    same file: the served route (or, with none measured, the engine in-process) beside the faster
-    llama-server run at each stream count (its thread settings differ; the better one is the fair peer)."""
+    same file: the served route (or, with none measured, the engine in-process) beside the benchmark
+    model's llama-server runs; then each model's OpenAI route by name (`models`) beside that model's."""
+    checks = []
     ours_target = next((t for t in ("openai", "http", "engine") if level(t, 1) or level(t, 8)), None)
-    peers = list(run["settings"].get("llamacpp_threads") or {})
-    if not ours_target or not peers:
-        return []
+    if ours_target:
+        checks += ratio_checks(ours_target, ours_target, list(run["settings"].get("llamacpp_threads") or {}), level)
+    for name, peer in llamacpp_models(run).items():
+        checks += ratio_checks(f"openai, model {name}", model_key("openai", name), peer.get("results") or [], level)
+    return checks
+
+
+def ratio_checks(who: str, ours_target: str, peers: list[str], level) -> list[tuple[str, str, bool]]:
+    """`ours_target` at one stream and at 8 beside the fastest of the llama-server results `peers`
+    there (their thread settings differ; the better one is the fair peer)."""
 
     def best_peer(streams: int, key: str) -> tuple[float, str] | None:
         found = [(lv[key], peer) for peer in peers if (lv := level(peer, streams)) and lv[key]]
@@ -243,28 +263,34 @@ def peer_targets(run: dict, level) -> list[tuple[str, str, bool]]:
         ours, theirs = level(ours_target, streams), best_peer(streams, key)
         if ours and ours[key] and theirs:
             ratio = ours[key] / theirs[0]
-            checks.append((f"{ours_target}: {what} >= {wanted}x llama-server",
+            checks.append((f"{who}: {what} >= {wanted}x llama-server",
                            f"{ratio:.2f}x ({ours[key]} vs {theirs[0]} tok/s, {theirs[1]})", ratio >= wanted))
     return checks
 
 
 def llamacpp_lines(run: dict) -> list[str]:
-    """The peer's command line, version and endpoint: what a reader needs to run it again."""
+    """The peer's command line per model, its version and endpoint: what a reader needs to run it again."""
     s = run["settings"]
-    runs, server = s.get("llamacpp_threads") or {}, s.get("llamacpp_server") or {}
-    if not runs or "version" not in server:
+    runs, server, models = s.get("llamacpp_threads") or {}, s.get("llamacpp_server") or {}, llamacpp_models(run)
+    if not runs or "version" not in server or not models:
         return []
     counts = " and ".join(str(n) for n in runs.values())
-    flags = " ".join(server["flags"])
-    return [f"llama.cpp: `llama-server -m {Path(server['gguf']).name} {flags}` with N = {counts} "
+    return [f"llama.cpp: one `llama-server` per model on the GGUF file Textbot loads, N = {counts} threads "
             f"(llama.cpp {server['version']}, built from llama-cpp-python's sdist by bench/llamacpp_build.py "
-            "for this CPU's instruction sets, no AMX); streamed through its OpenAI-compatible "
-            f"`{server.get('endpoint', '/v1/chat/completions')}`"
-            f"{' (the model has no chat template: the prompt as the token ids Textbot builds)' if server.get('endpoint') == '/v1/completions' else ''}. "
-            f"Its {server['slots']} slots decode together (continuous batching), each with "
-            f"{server['context'] // server['slots']} tokens of context. A Textbot model replica decodes on "
+            "for this CPU's instruction sets, no AMX), streamed through its OpenAI-compatible API. Its slots "
+            "decode together (continuous batching). A Textbot model replica decodes on "
             f"{s.get('textbot_threads')} torch thread(s) (its CPUs in deploy.yaml), and so does the engine "
-            "in-process here."]
+            "in-process here.", "", *(peer_line(name, peer) for name, peer in models.items())]
+
+
+def peer_line(name: str, peer: dict) -> str:
+    """One model's llama-server: its command, context, endpoint and result keys."""
+    endpoint = peer.get("endpoint", "/v1/chat/completions")
+    base = (" (the model has no chat template: the prompt as the token ids Textbot builds)"
+            if endpoint == "/v1/completions" else "")
+    return (f"- {name}: `llama-server -m {Path(peer['gguf']).name} {' '.join(peer['flags'])}`, "
+            f"{peer['slots']} slots of {peer['context'] // peer['slots']} tokens of context, through "
+            f"`{endpoint}`{base}; results {', '.join(f'`{key}`' for key in peer['results'])}.")
 
 
 def write_markdown(path: Path, run: dict, figure: str | None, data: str) -> None:

@@ -1,6 +1,7 @@
 """The benchmark tool runs end to end at tiny sizes: every target it can reach in
 the test session, and the three outputs. Its timings are not checked here."""
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -256,15 +257,151 @@ def test_a_base_model_goes_to_llama_servers_completions_with_textbots_prompt_tok
     assert llamacpp_stream("http://peer", None, chat)[1] == "/v1/chat/completions"
 
 
-def test_the_report_names_llama_server_its_flags_and_version():
-    from bench.report import llamacpp_lines
+def test_llama_server_runs_on_each_configured_gguf_model_under_its_own_keys(monkeypatch, tmp_path):
+    """Without --model, one llama-server per model of the application that is a GGUF file (stand-ins for
+    the server, its binary and the measuring): the benchmark's own model keeps the plain keys, every
+    other one is keyed by name; each gets its file, slots and tokenizer; a folder model is skipped."""
+    import contextlib
 
-    run = {"settings": {"textbot_threads": 1, "llamacpp_threads": {"llamacpp": 1, "llamacpp-2t": 2},
-                        "llamacpp_server": {"version": "0.5.0-dev (build 1, commit 0c1e57098)", "gguf": "/x/SmolLM2.gguf",
-                                            "slots": 8, "context": 16384, "endpoint": "/v1/chat/completions",
-                                            "flags": ["-t", "N", "-tb", "N", "-np", "8", "-c", "16384",
-                                                      "--no-webui"]}}}
-    line, = llamacpp_lines(run)
-    assert "`llama-server -m SmolLM2.gguf -t N -tb N -np 8 -c 16384 --no-webui` with N = 1 and 2" in line
-    assert "llama.cpp 0.5.0-dev (build 1, commit 0c1e57098)" in line and "2048 tokens of context" in line
+    import bench.__main__
+    import bench.llamacpp_build
+    from bench.__main__ import measure_llamacpp_models
+    from backend.settings import ServedModel
+
+    for name in ("first.gguf", "second.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    (tmp_path / "folder").mkdir()
+    models = [ServedModel(source=str(tmp_path / "first.gguf"), name="first"),
+              ServedModel(source=str(tmp_path / "second.gguf"), name="second", engine={"max_running": 4}),
+              ServedModel(source=str(tmp_path / "folder"), name="folder-model")]
+
+    started, measured, loaded = [], {}, []
+
+    @contextlib.contextmanager
+    def server(command_for):
+        command = command_for(8123)
+        started.append((Path(command[command.index("-m") + 1]).name, command[command.index("-t") + 1],
+                        command[command.index("-np") + 1]))
+        yield "http://peer"
+
+    async def measure(key, stream, args, count_tokens):
+        measured[key] = count_tokens("Hello")
+        return [{"concurrency": 1}]
+
+    class TenTokensACharacter(_BaseTokenizer):
+        def encode(self, text, add_special_tokens=True):
+            return [0] * 10 * len(text)
+
+    def load_tokenizer(model_settings):  # the other model's own tokenizer, told apart by its counts
+        loaded.append(Path(model_settings.source).name)
+        return TenTokensACharacter()
+
+    monkeypatch.setattr(bench.__main__, "llamacpp_binary", lambda: Path("/bin/llama-server"))
+    monkeypatch.setattr(bench.llamacpp_build, "version_line", lambda binary: "0.5.0-test")
+    monkeypatch.setattr(bench.__main__, "llamacpp_server", server)
+    monkeypatch.setattr(bench.__main__, "measure", measure)
+    monkeypatch.setattr(bench.__main__, "load_tokenizer", load_tokenizer)
+
+    chat = type("ChatTokenizer", (_BaseTokenizer,), {"chat_template": "{{ messages }}"})()
+    args = argparse.Namespace(llamacpp_threads=[1, 2], max_tokens=64)
+    results, skipped = {}, {}
+    peer = asyncio.run(measure_llamacpp_models(args, models, 1, chat, results, skipped))
+
+    assert set(results) == {"llamacpp", "llamacpp-2t", "llamacpp:second", "llamacpp-2t:second"}
+    assert started == [("first.gguf", "1", "8"), ("first.gguf", "2", "8"), ("second.gguf", "1", "4"),
+                       ("second.gguf", "2", "4")]
+    assert loaded == ["second.gguf"]  # the first model's tokenizer is the one passed in
+    assert measured == {"llamacpp": 5, "llamacpp-2t": 5, "llamacpp:second": 50, "llamacpp-2t:second": 50}
+    assert skipped == {"llamacpp:folder-model": f"the model ({tmp_path / 'folder'}) is not a GGUF file, "
+                                                "which llama.cpp needs"}
+    assert peer["threads"] == {"llamacpp": 1, "llamacpp-2t": 2} and peer["version"] == "0.5.0-test"
+    assert list(peer["models"]) == ["first", "second"]
+    first, second = peer["models"]["first"], peer["models"]["second"]
+    assert first["results"] == ["llamacpp", "llamacpp-2t"] and first["endpoint"] == "/v1/chat/completions"
+    assert second["results"] == ["llamacpp:second", "llamacpp-2t:second"] and second["endpoint"] == "/v1/completions"
+    assert second["gguf"] == str(tmp_path / "second.gguf") and (second["slots"], second["context"]) == (4, 8192)
+
+
+def test_without_llama_server_the_target_is_skipped_once_not_per_model(monkeypatch):
+    import bench.__main__
+    from bench.__main__ import LLAMACPP_MISSING, deployed, measure_llamacpp_models
+
+    monkeypatch.setattr(bench.__main__, "llamacpp_binary", lambda: None)
+    skipped = {}
+    peer = asyncio.run(measure_llamacpp_models(argparse.Namespace(llamacpp_threads=[1], max_tokens=8),
+                                               deployed().models, 1, None, {}, skipped))
+    assert skipped == {"llamacpp": LLAMACPP_MISSING} and peer == {"threads": {"llamacpp": 1}}
+
+
+def _llamacpp_run(results: dict) -> dict:
+    """A run's outcome as the report reads it: two models, each with its llama-server (SmolLM2 the
+    benchmark's own, under the plain keys) at 1 and 2 threads."""
+    peer = {"gguf": "/x/SmolLM2.gguf", "slots": 8, "context": 16384, "endpoint": "/v1/chat/completions",
+            "flags": ["-t", "N", "-tb", "N", "-np", "8", "-c", "16384", "--no-webui"]}
+    return {"settings": {"textbot_threads": 1, "llamacpp_threads": {"llamacpp": 1, "llamacpp-2t": 2},
+                         "llamacpp_server": {"version": "0.5.0-dev (build 1, commit 0c1e57098)", "models": {
+                             "SmolLM2": peer | {"results": ["llamacpp", "llamacpp-2t"]},
+                             "gemma-3-270m": peer | {"gguf": "/x/gemma.gguf", "endpoint": "/v1/completions",
+                                                     "results": ["llamacpp:gemma-3-270m", "llamacpp-2t:gemma-3-270m"]}}}},
+            "results": results, "skipped": {}}
+
+
+def _levels(one_stream: float, eight_streams: float) -> list[dict]:
+    return [{"concurrency": 1, "per_stream_tok_s": one_stream, "aggregate_tok_s": one_stream},
+            {"concurrency": 8, "per_stream_tok_s": eight_streams / 8, "aggregate_tok_s": eight_streams}]
+
+
+def test_the_report_sets_each_models_openai_route_beside_its_own_llama_server():
+    from bench.report import targets, title
+
+    run = _llamacpp_run({"openai:SmolLM2": _levels(90.0, 240.0), "llamacpp": _levels(80.0, 150.0),
+                         "llamacpp-2t": _levels(100.0, 200.0),
+                         "openai:gemma-3-270m": _levels(20.0, 90.0), "llamacpp:gemma-3-270m": _levels(40.0, 50.0),
+                         "llamacpp-2t:gemma-3-270m": _levels(50.0, 60.0)})
+    checks = {name: (measured, met) for name, measured, met in targets(run)}
+    # Each model beside the faster of its own two llama-server runs, never another model's.
+    assert checks == {
+        "openai, model SmolLM2: single-stream decode >= 0.9x llama-server": ("0.90x (90.0 vs 100.0 tok/s, llamacpp-2t)", True),
+        "openai, model SmolLM2: aggregate at 8 streams >= 1.2x llama-server": ("1.20x (240.0 vs 200.0 tok/s, llamacpp-2t)", True),
+        "openai, model gemma-3-270m: single-stream decode >= 0.9x llama-server":
+            ("0.40x (20.0 vs 50.0 tok/s, llamacpp-2t:gemma-3-270m)", False),
+        "openai, model gemma-3-270m: aggregate at 8 streams >= 1.2x llama-server":
+            ("1.50x (90.0 vs 60.0 tok/s, llamacpp-2t:gemma-3-270m)", True)}
+    assert title("llamacpp-2t:gemma-3-270m", run) == ("(f) llama.cpp's llama-server (continuous batching), same GGUF, "
+                                                      "2 threads, model gemma-3-270m")
+    assert title("llamacpp:gemma-3-270m", run).endswith("1 thread, as a Textbot model replica, model gemma-3-270m")
+    assert title("llamacpp", run).endswith("1 thread, as a Textbot model replica")
+
+    # The benchmark's own routes keep their check against the plain keys.
+    run["results"] |= {"openai": _levels(70.0, 300.0)}
+    assert targets(run)[0] == ("openai: single-stream decode >= 0.9x llama-server",
+                               "0.70x (70.0 vs 100.0 tok/s, llamacpp-2t)", False)
+
+
+def test_the_report_writes_each_models_llama_server_rows_and_command(tmp_path):
+    from bench.report import llamacpp_lines, write_markdown
+
+    run = _llamacpp_run({"llamacpp:gemma-3-270m": [{"concurrency": 1, "ttft_p50_ms": 30.0, "ttft_p95_ms": 31.0,
+                                                    "itl_p50_ms": 20.0, "itl_p95_ms": 21.0, "per_stream_tok_s": 48.6,
+                                                    "aggregate_tok_s": 48.6, "errors": 0, "requests": 1}]})
+    run["skipped"] = {"llamacpp:bert": "the model (bert-base) is not a GGUF file, which llama.cpp needs"}
+    intro, blank, smollm, gemma = llamacpp_lines(run)
+    assert "N = 1 and 2" in intro and "llama.cpp 0.5.0-dev (build 1, commit 0c1e57098)" in intro and blank == ""
+    assert smollm == ("- SmolLM2: `llama-server -m SmolLM2.gguf -t N -tb N -np 8 -c 16384 --no-webui`, 8 slots of "
+                      "2048 tokens of context, through `/v1/chat/completions`; results `llamacpp`, `llamacpp-2t`.")
+    assert gemma.startswith("- gemma-3-270m: `llama-server -m gemma.gguf ")
+    assert "`/v1/completions` (the model has no chat template" in gemma and "chat template" not in smollm
+    assert gemma.endswith("; results `llamacpp:gemma-3-270m`, `llamacpp-2t:gemma-3-270m`.")
     assert llamacpp_lines({"settings": {"llamacpp_threads": {"llamacpp": 1}, "llamacpp_server": {}}}) == []
+
+    run |= {"date": "today", "machine": {"cpu": "CPU", "cores": 2, "memory_gb": 8, "python": "3.11", "torch": "2",
+                                         "transformers": "4"}}
+    run["settings"] |= {"command": "python -m bench", "model": "SmolLM2", "dtype": "float32", "max_tokens": 64,
+                        "requests_per_client": 1}
+    write_markdown(tmp_path / "BENCHMARKS.md", run, None, "benchmarks/results.json")
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert ("## (f) llama.cpp's llama-server (continuous batching), same GGUF, 1 thread, as a Textbot model replica, "
+            "model gemma-3-270m\n\n| streams |") in markdown
+    assert "| 1 | 30.0 | 31.0 | 20.0 | 21.0 | 48.6 | 48.6 | 0/1 |" in markdown
+    assert ("model bert\n\nNot measured: the model (bert-base) is not a GGUF file, which llama.cpp needs."
+            in markdown)
