@@ -104,7 +104,10 @@ def test_json_object_output_is_an_object(client):
     assert isinstance(json.loads(response.output_text), dict)
 
 
-def test_a_tool_round_trip(client):
+@pytest.mark.parametrize("sent_back", ["objects", "model_dump"])
+def test_a_tool_round_trip(client, sent_back):
+    """The call is sent back as the SDK's output items themselves, or as their model_dump() (every
+    field, None ones too, by their Python names): both as a client writes it."""
     question = {"role": "user", "content": "What will the weather be in Paris?"}
     called = client.responses.create(model=MODEL, input=[question], tools=[WEATHER_TOOL], tool_choice="required",
                                      max_output_tokens=STRUCTURED_BUDGET, temperature=0)
@@ -113,7 +116,8 @@ def test_a_tool_round_trip(client):
     jsonschema.validate(json.loads(call.arguments), CITY)
 
     result = {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"forecast": "sunny"})}
-    answer = client.responses.create(model=MODEL, input=[question, *called.output, result], tools=[WEATHER_TOOL],
+    earlier = called.output if sent_back == "objects" else [item.model_dump() for item in called.output]
+    answer = client.responses.create(model=MODEL, input=[question, *earlier, result], tools=[WEATHER_TOOL],
                                      tool_choice="none", max_output_tokens=8, temperature=0)
     assert [item.type for item in answer.output] == ["message"] and answer.output_text
     unanswered = client.responses.create(model=MODEL, input=[question], tools=[WEATHER_TOOL], tool_choice="none",

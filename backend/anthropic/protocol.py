@@ -3,7 +3,8 @@ text and tool use; no images, documents, thinking or server tools).
 
 Requests are strict: an unknown field or an unsupported block is a 400 in Anthropic's error
 shape naming it. Blocks a client sends back from an earlier message (`citations: null` on
-text, `caller` on tool_use) are accepted.
+text, `caller` and `toolset_name` on tool_use), as the SDK's objects or their `model_dump()`,
+are accepted.
 """
 
 import uuid
@@ -46,6 +47,7 @@ class ToolUseBlock(BaseModel):
     input: dict
     cache_control: CacheControl | None = None
     caller: Any = None
+    toolset_name: str | None = None
 
 
 class ToolResultBlock(BaseModel):

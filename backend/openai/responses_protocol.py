@@ -4,14 +4,15 @@ subset Textbot serves: text in, text and function calls out).
 Requests are strict, as chat completions' are: an unknown field or an unsupported value is
 a 400 naming it. Items a client sends back from an earlier response's `output` (a common
 way to continue a conversation) carry fields such as `id`, `status` and `annotations`;
-those are accepted and ignored.
+those are accepted and ignored, whether the SDK's objects are sent as they are or as their
+`model_dump()` (which names a function call's `async` by its Python name, `async_`).
 """
 
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from backend.protocol import OutputSchema
 
@@ -65,6 +66,10 @@ class FunctionCallItem(BaseModel):
     arguments: str
     id: str | None = None
     status: ItemStatus | None = None
+    # Fields of the SDK's own item (ResponseFunctionToolCall) that say nothing to this server.
+    run_async: bool | None = Field(None, validation_alias=AliasChoices("async", "async_"))
+    caller: Any = None
+    namespace: str | None = None
 
 
 class FunctionCallOutputItem(BaseModel):
