@@ -1,6 +1,7 @@
 """CPUs set aside for the engine process (backend/engine/cpus.py, backend/launch.py): who
 claims what, and what --engine-cpus refuses. `make run` itself is checked in test_make_run.py."""
 
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,32 @@ def test_each_engine_process_claims_cpus_no_live_one_holds_and_frees_them_when_i
     for lock in cpus._held:
         lock.close()
     cpus._held.clear()
+
+
+PIN = """
+import os
+from backend.engine import cpus
+os.sched_setaffinity(0, {0})  # where the node's processes run once the launcher moved them
+pinned = cpus.pin_engine(1)
+print(pinned, sorted(os.sched_getaffinity(0)), flush=True)
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to set one aside")
+def test_an_engine_pins_to_a_free_cpu_set_aside_else_runs_on_every_cpu(tmp_path):
+    """The first engine gets the CPU set aside to itself; the next (another model's, say) finds it
+    claimed and runs on it and the node's CPU alike, so it gets the set-aside core while the first
+    engine idles, rather than only the core Ray and Serve run on."""
+    env = os.environ | {cpus.ENV: "1", "TMPDIR": str(tmp_path)}  # the lock files live in the temp folder
+    first = subprocess.Popen([sys.executable, "-c", PIN + "import sys; sys.stdin.readline()"], cwd=ROOT, env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().split() == ["[1]", "[1]"], "the first engine did not get CPU 1 alone"
+        second = subprocess.run([sys.executable, "-c", PIN], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert second.stdout.split() == ["None", "[0,", "1]"], second.stdout + second.stderr
+    finally:
+        first.communicate("\n", timeout=30)
 
 
 def test_the_engine_is_pinned_only_where_the_node_set_cpus_aside(monkeypatch):

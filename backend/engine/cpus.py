@@ -10,9 +10,12 @@ it lost was the core itself, its caches and its turns, not its share. vLLM's CPU
 `make run` (backend/launch.py) sets CPUs aside: it names them in TEXTBOT_ENGINE_CPUS, which
 Ray's workers and the engine processes they start inherit, and once the model runs it moves
 Ray's processes and the replicas to the other CPUs (while the node starts, it has them all). Each engine process claims CPUs from the set, one per torch
-thread, with a lock file per CPU, held while the process lives: a second replica's engine
-takes other CPUs or, when too few are left, runs where its replica runs. Without the
-variable (a cluster started by other means) nothing is pinned.
+thread, with a lock file per CPU, held while the process lives: a second engine (another
+replica, another model) takes other CPUs or, when too few are left, runs on every CPU, those
+set aside included, where the scheduler puts it: the engine that holds them may be idle (two
+models on 2 cores, one asked at a time: Gemma 3 270M at 8 streams served 63 tok/s confined to
+the node's core beside the idle default model's; measured in docs/BENCHMARKS.md, issue 28).
+Without the variable (a cluster started by other means) nothing is pinned.
 """
 
 from __future__ import annotations
@@ -69,12 +72,18 @@ def pin_engine(threads: int) -> list[int] | None:
     TEXTBOT_ENGINE_CPUS, one per torch thread. The CPUs, or None where nothing was pinned."""
     if not (listed := os.environ.get(ENV)) or not hasattr(os, "sched_setaffinity"):
         return None
-    cpus = claim(threads, parse(listed))
-    if cpus is None:
+    reserved = parse(listed)
+    if (cpus := claim(threads, reserved)) is None:
+        _run_on(set(os.sched_getaffinity(0)) | reserved)  # shared with the other engines and the node
         return None
+    return cpus if _run_on(set(cpus)) else None
+
+
+def _run_on(cpus: set[int]) -> bool:
+    """Every thread of this process on `cpus`; False (left where it was) if the OS refuses them."""
     try:
         for thread in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(thread), cpus)
     except OSError:  # not among this container's CPUs: run where the replica runs
-        return None
-    return cpus
+        return False
+    return True
