@@ -291,7 +291,11 @@ async def measure_llamacpp(args, model, server: Path, runs: dict[str, int], toke
     for key, threads in runs.items():
         try:
             with llamacpp_server(lambda port: llamacpp_command(server, gguf, port, threads, slots, context)) as url:
-                async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+                # A new connection per request: llama-server closed kept-alive connections now and then,
+                # and the request sent on one failed ("Server disconnected without sending a response";
+                # one stream's whole measurement, in two runs of four).
+                async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(
+                        max_connections=64, max_keepalive_connections=0)) as client:
                     stream, peer["endpoint"] = llamacpp_stream(url, client, tokenizer)
                     results[key] = await measure(key, stream, args, count_tokens)
         except RuntimeError as error:
