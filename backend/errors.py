@@ -11,6 +11,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+# The engine's errors, defined in the engine that raises them: the same classes, which the service
+# catches and answers (backend/textbot.py, routing.py, api.py).
+from backend.engine.errors import (  # noqa: F401
+    EngineBusyError,
+    GenerationError,
+    InvalidSamplingError,
+    PromptTooLongError,
+)
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
@@ -37,27 +46,6 @@ class APIError(Exception):
     def __reduce__(self):
         # Crosses from a Textbot replica to the ingress by pickle; keep every field.
         return APIError, (self.status, self.message, self.param, self.code, self.headers)
-
-
-class PromptTooLongError(ValueError):
-    """The engine's: the prompt leaves no room in the model's context for a reply."""
-
-
-class InvalidSamplingError(ValueError):
-    """The engine's: a parameter the model cannot take (a token id beyond its vocabulary, a schema
-    its grammar cannot enforce); `param` names it."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class EngineBusyError(RuntimeError):
-    """The engine's: every generation slot and waiting place is taken; try again shortly."""
-
-
-class GenerationError(RuntimeError):
-    """The model failed while generating, or its replica was lost: the stream ends with this error."""
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

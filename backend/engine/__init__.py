@@ -1,11 +1,14 @@
 """The generation engine, apart from the Serve deployment that hosts it.
 
+    settings.py     the settings it runs on: the model and how it loads (ModelSettings), its limits (EngineSettings)
+    protocol.py     what it takes and gives: chat messages and tools, resolved sampling, log-probabilities (no torch)
+    errors.py       the errors it raises (too long, invalid sampling, busy, failed); the service maps them to HTTP
     location.py     where the configured model is (no torch: the application builder checks it)
     loading.py      loading the model (quantised or not), the converted-weights cache
     modules.py      every family's weights as plain torch modules, which a converted copy loads into
     quant.py        weight-only quantised linear layers on torch's CPU kernels (and a bfloat16 output layer)
     gguf_blocks.py  a GGUF file's 4-bit weights as stored, for the int4 kernel
-    prompt.py       a conversation -> prompt tokens
+    prompt.py       a conversation -> prompt tokens; a long one fitted to the context
     slots.py        the engine's own transformer (every family in families/): a KV cache of rows, one forward for prompts and steps
     compiled.py     that path's decode step compiled ahead of time (AOTInductor), built once, loaded at start
     batch.py        the generic path, through Hugging Face's forward
@@ -21,7 +24,9 @@
     cpus.py         CPUs set aside for the engine process, claimed one per torch thread (no torch)
 
 Its interface is narrow: `Engine(load(settings), limits).submit(messages, sampling)`
-returns a `Generation` to iterate for text pieces or to cancel.
+returns a `Generation` to iterate for text pieces or to cancel. It owns the types, settings
+and errors it runs on (protocol.py, settings.py, errors.py) and imports nothing of the service
+around it (but compiled.py's command line, which reads deploy.yaml); the service imports them.
 
 The names below load on first use: processes that only locate the model or catch its
 errors (Serve's build step, the ingress) do not import torch.
@@ -29,7 +34,7 @@ errors (Serve's build step, the ingress) do not import torch.
 
 import importlib
 
-from backend.errors import EngineBusyError, PromptTooLongError
+from backend.engine.errors import EngineBusyError, PromptTooLongError
 
 _LAZY = {"Engine": "engine", "Generation": "generation", "EngineProcess": "process", "LoadedModel": "loading", "load": "loading",
          "ModelLoadError": "location", "locate": "location"}

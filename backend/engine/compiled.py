@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     the config's models that asks for one (compile: true) and has none yet; quick when all have."""
     import argparse
 
+    # The one import of the service here: this command reads its deploy.yaml (the engine never does).
     from backend.config import DeployConfig
 
     parser = argparse.ArgumentParser(prog="python -m backend.engine.compiled", description=main.__doc__)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from backend.engine.allocator import give_back_free_memory
-from backend.errors import InvalidSamplingError
-from backend.protocol import OutputSchema
+from backend.engine.errors import InvalidSamplingError
+from backend.engine.protocol import OutputSchema
 
 log = logging.getLogger(__name__)
 

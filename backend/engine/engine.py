@@ -39,16 +39,16 @@ from backend.engine import batch as generic_path, slots
 from backend.engine.allocator import give_back_free_memory
 from backend.engine.constraint import Constraint, Vocabulary
 from backend.engine.detokenizer import IncrementalDetokenizer
+from backend.engine.errors import EngineBusyError, GenerationError, InvalidSamplingError, PromptTooLongError
 from backend.engine.generation import Deliver, Finished, Generation, to_event_loop
 from backend.engine.kv_budget import KvBudget, reading_of, token_bytes
 from backend.engine.loading import LoadedModel
 from backend.engine.prefix_cache import PrefixCache
 from backend.engine.prompt import Prompt, encode_prompt
+from backend.engine.protocol import MAX_CHOICES, ChatMessage, ResolvedSampling, TokenLogprob, ToolSpec
 from backend.engine.sampling import adjust, sample, token_logprobs
+from backend.engine.settings import EngineSettings
 from backend.engine.stops import StopStrings
-from backend.errors import EngineBusyError, GenerationError, InvalidSamplingError, PromptTooLongError
-from backend.protocol import MAX_CHOICES, ChatMessage, ResolvedSampling, TokenLogprob, ToolSpec
-from backend.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from backend.protocol import ResolvedSampling, TokenLogprob
+from backend.engine.protocol import ResolvedSampling, TokenLogprob
 
 
 @dataclass

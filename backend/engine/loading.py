@@ -16,7 +16,7 @@ import torch
 from backend.engine import modules, slots
 from backend.engine.location import ModelLoadError, ModelLocation, converted_cache, locate
 from backend.engine.quant import Q8_EMBEDDING, Q8Embedding, quantize_model, tie_to_q8_embedding, use_q8_embedding
-from backend.settings import ModelSettings
+from backend.engine.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

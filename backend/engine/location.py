@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.settings import ModelSettings
+from backend.engine.settings import ModelSettings
 
 
 class ModelLoadError(RuntimeError):

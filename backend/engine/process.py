@@ -48,13 +48,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from types import SimpleNamespace
 
-from backend import errors
-from backend.engine import cpus
+from backend.engine import cpus, errors
+from backend.engine.errors import GenerationError
 from backend.engine.generation import Finished, Generation
 from backend.engine.location import ModelLoadError
-from backend.errors import GenerationError
-from backend.protocol import ChatMessage, ResolvedSampling, ToolSpec
-from backend.settings import EngineSettings, ModelSettings
+from backend.engine.protocol import ChatMessage, ResolvedSampling, ToolSpec
+from backend.engine.settings import EngineSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -367,9 +366,9 @@ def serve(conn: Connection, warm: tuple[ModelSettings, Future] | None = None) ->
         return
     # Imported here, not before: a warm engine's loading thread imports them too, and
     # transformers' lazy modules do not take two threads importing at once.
-    from backend.conversation import fit_to_context
     from backend.engine.allocator import give_back_free_memory
     from backend.engine.engine import Engine
+    from backend.engine.prompt import fit_to_context
 
     generations: dict[int, Generation] = {}
 

@@ -6,7 +6,7 @@ import torch
 
 from collections.abc import Callable
 
-from backend.protocol import ResolvedSampling, TokenLogprob, TopLogprob
+from backend.engine.protocol import ResolvedSampling, TokenLogprob, TopLogprob
 
 
 def sample(logits: torch.Tensor, sampling: ResolvedSampling, rng: torch.Generator) -> int:
