@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-# FastAPI is imported where a response is made, not here: the engine process raises these
-# errors too, and has no HTTP to answer (fastapi's import was a tenth of its start).
+# FastAPI is imported where a response is made, not here: backend.protocol, which the chat page
+# and the model replicas import, needs only APIError.
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",

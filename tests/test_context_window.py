@@ -1,6 +1,6 @@
 """Conversations longer than the model's context: refused on request, trimmed where asked."""
 
-from backend.conversation import fit_to_context
+from backend.engine.prompt import fit_to_context
 from backend.protocol import ChatMessage
 
 
