@@ -12,15 +12,10 @@ from pydantic import Field, model_validator
 
 # The engine's own settings (the model it loads, how much it runs at once), defined in the engine;
 # the application's hold them per model.
-from backend.engine.settings import (  # noqa: F401
-    DEFAULT_MODEL,
-    EngineSettings,
-    ModelSettings,
-    _Strict,
-)
+from backend.engine.settings import EngineSettings, ModelSettings, StrictSettings  # noqa: F401
 
 
-class GenerationDefaults(_Strict):
+class GenerationDefaults(StrictSettings):
     """Used for any parameter a request leaves out."""
 
     max_new_tokens: int = Field(256, ge=1)
@@ -31,7 +26,7 @@ class GenerationDefaults(_Strict):
     )
 
 
-class DeploymentOptions(_Strict):
+class DeploymentOptions(StrictSettings):
     """A model's Serve deployment: its replicas, scaling and limits (Serve's own deployment options,
     passed to `Textbot.options`). Serve's `deployments:` section in the config can still override
     them by the deployment's name (`deployment_name`)."""
@@ -90,7 +85,7 @@ def deployment_name(model_name: str) -> str:
     return f"Textbot:{model_name}"
 
 
-class ReplicaSettings(_Strict):
+class ReplicaSettings(StrictSettings):
     """What one Textbot replica runs: one model, its engine and the defaults it fills in."""
 
     model: ModelSettings = ModelSettings()
@@ -99,7 +94,7 @@ class ReplicaSettings(_Strict):
     max_prompt_chars: int = Field(32_000, ge=1)
 
 
-class TextbotSettings(_Strict):
+class TextbotSettings(StrictSettings):
     """The application's args: the models it serves, and what applies to all of them."""
 
     @model_validator(mode="before")

