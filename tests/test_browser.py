@@ -212,6 +212,9 @@ def test_conversation_survives_a_reload_and_a_restart_of_the_page(page, base_url
     saved.wait_for(timeout=60_000)
 
     def reopened() -> None:
+        # Away from the old page first: once its replica is killed, its own scripts may navigate
+        # while the test does, and the test's navigation was aborted (net::ERR_ABORTED, a CI-like run).
+        page.goto("about:blank")
         open_page(page, url)
         saved.wait_for(timeout=60_000)
         saved.first.click()
